@@ -1,0 +1,5 @@
+import sys
+
+from microsearch.cli import main
+
+sys.exit(main())

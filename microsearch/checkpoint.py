@@ -1,0 +1,56 @@
+"""Model files: everything needed to rebuild a (pruned, quantized) model without the command line.
+
+A file holds the registry name and full config (which fixes the possibly pruned architecture),
+the per-layer quantization plan, the dtype, the weights and free-form metadata. It loads with
+``torch.load(path, weights_only=True)``.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from microsearch.compression import apply_quant_plan_, current_plan
+from microsearch.models import create_model, model_spec
+
+FORMAT = "microsearch-model/1"
+
+
+def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> None:
+    """Write ``model`` to ``path``; pruning masks must have been made permanent first."""
+    masked = [n for n, m in model.named_modules() if hasattr(m, "weight_mask")]
+    if masked:
+        raise ValueError(f"layers {masked[:3]} still carry pruning masks; make the pruning permanent first")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    blob = {
+        "format": FORMAT,
+        "model": model_spec(model),
+        "quant_plan": current_plan(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "state_dict": state,
+        "meta": meta or {},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model stored at ``path``; returns it (in eval mode) and its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable model file: {e}") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file")
+    model = create_model(blob["model"]["name"], **blob["model"]["config"])
+    apply_quant_plan_(model, blob["quant_plan"])
+    model.to(getattr(torch, blob["dtype"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval(), blob["meta"]

@@ -1,0 +1,222 @@
+"""The ``microsearch`` command line: one sub-command per user task (``microsearch --help``)."""
+
+import argparse
+import ast
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from microsearch import __version__
+from microsearch.checkpoint import load_model, save_model
+from microsearch.compression import QuantConfig, quantize_
+from microsearch.evaluation import RULES, Score, audit
+from microsearch.evaluation.data import DataConfig, load_data
+from microsearch.evaluation.train import (
+    EpochStats,
+    TrainConfig,
+    device_name,
+    evaluate,
+    resolve_device,
+    train,
+)
+from microsearch.models import create_model, list_models
+
+
+def _parse_kv(pairs: list[str], what: str) -> dict[str, Any]:
+    """``["width=8", "blocks=2,2,2"]`` -> ``{"width": 8, "blocks": (2, 2, 2)}``."""
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {pair!r} is not of the form key=value")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _score_table(score: Score) -> str:
+    head = f"{'layer':<28} {'kind':<16} {'params':>9} {'nonzero':>9} {'w/a/b bits':>10} {'ops':>12}"
+    rows = [head, "-" * len(head)]
+    for layer in score.layers:
+        bits = f"{layer.weight_bits}/{layer.act_bits}/{layer.bias_bits}"
+        ops = layer.mult_ops + layer.add_ops
+        rows.append(
+            f"{layer.name:<28} {layer.kind:<16} {layer.params:>9,} {layer.nonzero:>9,} {bits:>10} {ops:>12,}"
+        )
+    rows += [
+        "-" * len(head),
+        f"rule {score.rule}, {score.passes} forward pass(es) per image",
+        f"parameters {score.raw_params:,} ({score.nonzero_params:,} nonzero), operations {score.raw_ops:,}",
+        f"32-bit equivalents: params {score.params:,.1f}, ops {score.ops:,.1f}",
+        f"score = {score.param_term:.4f} (params) + {score.ops_term:.4f} (ops) = {score.score:.4f}",
+    ]
+    return "\n".join(rows)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (args.model is None):
+        raise ValueError("give either a model file or --model NAME")
+    if args.checkpoint:
+        if args.model_arg or args.weight_bits or args.act_bits:
+            raise ValueError("--model-arg/--weight-bits/--act-bits apply to --model, not to a model file")
+        model, meta = load_model(args.checkpoint)
+        passes = meta.get("passes", 1)
+    else:
+        torch.manual_seed(0)  # a fixed initialisation, so counted nonzeros are reproducible
+        model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
+        if args.weight_bits or args.act_bits:
+            quantize_(model, QuantConfig(weight_bits=args.weight_bits or 32, act_bits=args.act_bits or 32))
+        passes = 1
+    score = audit(model, rule=args.rule, passes=passes)
+    print(json.dumps(score.to_dict(), indent=2) if args.json else _score_table(score))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    data_config = DataConfig(args.data, val_size=args.val_size, seed=args.seed)
+    train_config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        tta=args.tta,
+        **_parse_kv(args.set, "--set"),
+    )
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
+    if args.weight_bits or args.act_bits:
+        quantize_(model, QuantConfig(weight_bits=args.weight_bits or 32, act_bits=args.act_bits or 32))
+    started = time.perf_counter()
+    data = load_data(data_config)
+    _log(f"data {args.data}: {len(data.train)} train / {len(data.val)} validation images")
+
+    def progress(s: EpochStats) -> None:
+        eta = s.seconds / s.epoch * (train_config.epochs - s.epoch)
+        _log(
+            f"epoch {s.epoch}/{train_config.epochs}  loss {s.train_loss:.3f}  train {s.train_acc:.1%}  "
+            f"val {s.val_acc:.1%}  {s.images_per_second:.0f} img/s  {s.seconds:.0f}s  eta {eta:.0f}s"
+        )
+
+    history = train(model, data, train_config, on_epoch=progress)
+    device = resolve_device(train_config.device)
+    result = evaluate(model, data.val, device, train_config.tta)
+    score = audit(model, rule=args.rule, passes=result.passes)
+    summary = {
+        "val_acc": result.accuracy,
+        "passes": result.passes,
+        "score": score.score,
+        "param_term": score.param_term,
+        "ops_term": score.ops_term,
+        "rule": score.rule,
+        "seconds": time.perf_counter() - started,
+        "device": device_name(device),
+    }
+    out = Path(args.out)
+    meta = {
+        **summary,
+        "data": asdict(data_config),
+        "train": asdict(train_config),
+        "history": [asdict(h) for h in history],
+        "version": __version__,
+        "command": " ".join(sys.argv),
+    }
+    save_model(out / "model.pt", model.cpu(), meta)
+    summary["model_file"] = str(out / "model.pt")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"validation accuracy {result.accuracy:.2%}  score {score.score:.4f} ({score.rule})  "
+            f"saved {out / 'model.pt'}  in {summary['seconds']:.0f}s"
+        )
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--model", required=required, choices=list_models(), help="registered model name")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="model config override, e.g. width=8 or blocks=2,2,2 (repeatable)",
+    )
+    p.add_argument("--weight-bits", type=int, help="quantize conv/linear weights to B bits (1-8, 16, 32)")
+    p.add_argument("--act-bits", type=int, help="quantize layer inputs to B bits (2-8, 16, 32)")
+
+
+def _build_score(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", help="a model.pt written by microsearch")
+    _add_model_args(p, required=False)
+    p.add_argument("--rule", choices=list(RULES), default="lab4", help="score accounting rule")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _build_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="cifar10 | imagefolder:PATH | synthetic[:N]")
+    _add_model_args(p, required=True)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--out", required=True, help="folder for model.pt")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (2 passes, scored)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="any other TrainConfig field, e.g. cutout=8 or schedule=cosine",
+    )
+    p.add_argument("--rule", choices=list(RULES), default="lab4")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+Builder = Callable[[argparse.ArgumentParser], None]
+Runner = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[str, Builder, Runner]] = {
+    "score": ("audit a model's compression score layer by layer", _build_score, cmd_score),
+    "train": ("train a model and save DIR/model.pt", _build_train, cmd_train),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="microsearch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"microsearch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, build, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        build(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"microsearch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"microsearch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The audited compression score, computed per layer from the model itself.
+
+    score = sum_l nonzero_l * (q_w/32) / P_ref  +  sum_l ops_l * (max(q_w, q_a)/32) / F_ref
+
+Parameters and nonzeros are counted from the tensors, operations from the layers a forward pass
+actually runs, bits from the quantizers (or the dtype) of each layer. Structured pruning is
+physical, so removed channels are simply absent. See DESIGN.md for the two rules.
+"""
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from microsearch.compression import QUANT_LAYERS
+
+_COSTED = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    param_ref: float  # parameters of the reference model, in 32-bit equivalents
+    ops_ref: float  # operations of the reference model
+    scale_adds: bool  # False: only multiplications are scaled by the bit ratio (micronet)
+
+
+RULES: dict[str, Rule] = {
+    "lab4": Rule("lab4", 5.6e6, 8.3e8, scale_adds=True),
+    "micronet": Rule("micronet", 5_586_981, 834_362_880, scale_adds=False),
+}
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    kind: str
+    params: int  # all parameters of the layer (weights, biases, norm affine, quantizer scales)
+    nonzero: int  # nonzero conv/linear weights plus the (dense) biases, norm params and scales
+    weight_bits: int
+    act_bits: int
+    bias_bits: int
+    mult_ops: int  # bit-scaled under every rule
+    add_ops: int  # bit-scaled under lab4, full cost under micronet
+    weighted_params: float  # nonzeros in 32-bit equivalents
+    weighted_ops: float  # operations in 32-bit equivalents
+
+
+@dataclass
+class Score:
+    rule: str
+    passes: int  # forward passes per prediction (test-time augmentation multiplies the ops)
+    layers: list[LayerCost] = field(default_factory=list)
+
+    @property
+    def raw_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def nonzero_params(self) -> int:
+        return sum(layer.nonzero for layer in self.layers)
+
+    @property
+    def raw_ops(self) -> int:
+        return self.passes * sum(layer.mult_ops + layer.add_ops for layer in self.layers)
+
+    @property
+    def params(self) -> float:
+        return sum(layer.weighted_params for layer in self.layers)
+
+    @property
+    def ops(self) -> float:
+        return self.passes * sum(layer.weighted_ops for layer in self.layers)
+
+    @property
+    def param_term(self) -> float:
+        return self.params / RULES[self.rule].param_ref
+
+    @property
+    def ops_term(self) -> float:
+        return self.ops / RULES[self.rule].ops_ref
+
+    @property
+    def score(self) -> float:
+        return self.param_term + self.ops_term
+
+    def to_dict(self) -> dict:
+        keys = ("params", "nonzero_params", "ops", "raw_params", "raw_ops")
+        summary = {k: getattr(self, k) for k in keys}
+        terms = {k: getattr(self, k) for k in ("param_term", "ops_term", "score")}
+        layers = [asdict(layer) for layer in self.layers]
+        return {"rule": self.rule, "passes": self.passes, **summary, **terms, "layers": layers}
+
+
+def _dtype_bits(t: torch.Tensor) -> int:
+    return 16 if t.dtype in (torch.float16, torch.bfloat16) else 32
+
+
+def _ops(module: nn.Module, out: torch.Tensor) -> tuple[int, int]:
+    """(multiplications, additions) of one forward pass of ``module`` for one sample."""
+    n = out[0].numel()
+    bias = int(getattr(module, "bias", None) is not None)
+    if isinstance(module, nn.Conv2d):
+        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        return n * k, n * (k - 1 + bias)
+    if isinstance(module, nn.Linear):
+        return n * module.in_features, n * (module.in_features - 1 + bias)
+    return 0, 3 * n  # BatchNorm: 3 ops per element, counted at full cost by the reference profiler
+
+
+def _layer_cost(name: str, module: nn.Module, inp: torch.Tensor, out: torch.Tensor, rule: Rule) -> LayerCost:
+    weight = module.weight
+    bias = module.bias
+    w_bits = a_bits = b_bits = 32
+    if isinstance(module, QUANT_LAYERS):
+        w_bits, a_bits, b_bits = module.bits.weight, module.bits.act, module.bits.bias
+    w_bits = min(w_bits, _dtype_bits(weight))
+    a_bits = min(a_bits, _dtype_bits(inp))
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        w_bits = a_bits = b_bits = min(w_bits, b_bits)  # norm weight and bias share the bias bits
+    # Pruning zeroes conv and linear weights; biases and norm parameters are stored densely
+    # (a fresh BatchNorm bias is exactly zero and still occupies memory).
+    is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+    w_nonzero = weight.numel() if is_norm else int(torch.count_nonzero(weight))
+    b_count = 0 if bias is None else bias.numel()
+    if bias is not None:
+        b_bits = min(b_bits, _dtype_bits(bias))
+    # Learned quantizer step sizes are stored with the model, one float32 each.
+    scales = sum(q.scale.numel() for q in module.children() if getattr(q, "scale", None) is not None)
+    mults, adds = _ops(module, out)
+    ratio = max(w_bits, a_bits) / 32
+    weighted_ops = (mults + adds) * ratio if rule.scale_adds else mults * ratio + adds
+    return LayerCost(
+        name=name,
+        kind=type(module).__name__,
+        params=weight.numel() + b_count + scales,
+        nonzero=w_nonzero + b_count + scales,
+        weight_bits=w_bits,
+        act_bits=a_bits,
+        bias_bits=b_bits if bias is not None else w_bits,
+        mult_ops=mults,
+        add_ops=adds,
+        weighted_params=(w_nonzero * w_bits + b_count * b_bits) / 32 + scales,
+        weighted_ops=weighted_ops,
+    )
+
+
+@torch.no_grad()
+def audit(
+    model: nn.Module,
+    rule: str = "lab4",
+    passes: int = 1,
+    input_shape: tuple[int, ...] = (1, 3, 32, 32),
+) -> Score:
+    """Score ``model`` layer by layer, e.g. ``audit(create_model("resnet18")).score``.
+
+    Runs one forward pass of a copy (quantizers that calibrate on first use stay untouched).
+    Every parameter must belong to a conv, linear or norm layer, or the audit refuses.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown score rule {rule!r}; choose from {', '.join(RULES)}")
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    model = copy.deepcopy(model).eval()
+    costed = {n: m for n, m in model.named_modules() if isinstance(m, _COSTED)}
+    owned = {id(p) for m in costed.values() for p in m.parameters()}  # incl. quantizer scales
+    stray = [n for n, p in model.named_parameters() if id(p) not in owned]
+    if stray:
+        raise ValueError(f"parameters outside conv/linear/norm layers cannot be scored: {stray}")
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            seen[name] = (inputs[0], output)
+
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in costed.items()]
+    param = next(model.parameters())
+    model(torch.zeros(input_shape, device=param.device, dtype=param.dtype))
+    for h in hooks:
+        h.remove()
+    r = RULES[rule]
+    return Score(rule, passes, [_layer_cost(n, m, *seen[n], r) for n, m in costed.items() if n in seen])

@@ -1,0 +1,14 @@
+"""Model families, registered by name."""
+
+from microsearch.models._registry import create_model, list_models, model_spec, register_model
+from microsearch.models._resnet import BLOCKS, ResNet, ResNetConfig
+
+__all__ = [
+    "BLOCKS",
+    "ResNet",
+    "ResNetConfig",
+    "create_model",
+    "list_models",
+    "model_spec",
+    "register_model",
+]

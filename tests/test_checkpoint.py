@@ -1,0 +1,57 @@
+import pytest
+import torch
+from torch.nn.utils import prune
+
+from microsearch.checkpoint import load_model, save_model
+from microsearch.compression import QuantConfig, current_plan, quantize_
+from microsearch.evaluation import audit
+from microsearch.models import create_model
+
+
+def _quantized_model():
+    model = create_model("resnet", width=4, blocks=(1, 1, 1), mid_channels=(2, 3, 5))
+    quantize_(model, QuantConfig(weight_bits=3, act_bits=5, first_last_bits=8))
+    model.train()
+    model(torch.randn(8, 3, 32, 32))  # calibrates the quantizers
+    with torch.no_grad():
+        model.stages[0][0].conv2[0].weight[:, :1] = 0  # some unstructured sparsity
+    return model.eval()
+
+
+def test_round_trip_keeps_logits_architecture_bits_and_score(tmp_path):
+    model = _quantized_model()
+    x = torch.randn(4, 3, 32, 32)
+    save_model(tmp_path / "model.pt", model, {"val_acc": 0.5, "passes": 1})
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)  # plain tensors and containers
+    assert blob["model"]["config"]["mid_channels"] == (2, 3, 5)
+    loaded, meta = load_model(tmp_path / "model.pt")
+    assert meta == {"val_acc": 0.5, "passes": 1}
+    assert current_plan(loaded) == current_plan(model)
+    assert torch.equal(loaded(x), model(x))
+    assert audit(loaded).to_dict() == audit(model).to_dict()
+
+
+def test_half_model_stays_half(tmp_path):
+    model = create_model("resnet", width=4, blocks=(1, 1, 1)).half()
+    save_model(tmp_path / "m.pt", model)
+    loaded, _ = load_model(tmp_path / "m.pt")
+    assert next(loaded.parameters()).dtype == torch.float16
+    assert audit(loaded).score == audit(model).score
+
+
+def test_masks_must_be_made_permanent_first(tmp_path):
+    model = create_model("resnet", width=4, blocks=(1, 1, 1))
+    prune.l1_unstructured(model.fc, "weight", amount=0.5)
+    with pytest.raises(ValueError, match="pruning masks"):
+        save_model(tmp_path / "m.pt", model)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model file"):
+        load_model(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable model file"):
+        load_model(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a microsearch-model/1 file"):
+        load_model(tmp_path / "other.pt")

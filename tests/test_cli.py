@@ -1,0 +1,127 @@
+import json
+
+import pytest
+
+from microsearch.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_score_reproduces_the_micronet_reference(capsys):
+    code, out, _ = _run(
+        capsys,
+        "score",
+        "--model",
+        "resnet18",
+        "--weight-bits",
+        "16",
+        "--act-bits",
+        "16",
+        "--rule",
+        "micronet",
+        "--json",
+    )
+    result = json.loads(out)
+    assert code == 0
+    assert result["params"] == 5_586_981 and result["ops"] == 834_362_880
+    assert result["score"] == pytest.approx(2.0)
+    assert result["nonzero_params"] == 11_173_962
+    assert len(result["layers"]) == 41  # 20 convs (3 of them shortcuts), 20 BatchNorms, 1 linear
+    assert {"name", "params", "nonzero", "weight_bits", "act_bits", "mult_ops"} <= set(result["layers"][0])
+
+
+def test_score_lab4_table(capsys):
+    code, out, _ = _run(capsys, "score", "--model", "resnet18", "--weight-bits", "16", "--act-bits", "16")
+    assert code == 0
+    assert "= 1.6676" in out and "stem.0" in out
+
+
+def test_train_writes_a_model_whose_rescore_matches(capsys, tmp_path):
+    code, out, err = _run(
+        capsys,
+        "train",
+        "--data",
+        "synthetic:1200",
+        "--val-size",
+        "200",
+        "--model",
+        "resnet",
+        "--model-arg",
+        "width=4",
+        "--model-arg",
+        "blocks=1,1,1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "100",
+        "--weight-bits",
+        "4",
+        "--act-bits",
+        "8",
+        "--tta",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert "epoch 2/2" in err and "val" in err and "eta" in err
+    assert summary["passes"] == 2 and 0 <= summary["val_acc"] <= 1
+    code, out, _ = _run(capsys, "score", str(tmp_path / "model.pt"), "--json")
+    rescore = json.loads(out)
+    assert rescore["score"] == summary["score"] and rescore["passes"] == 2
+    assert {layer["weight_bits"] for layer in rescore["layers"] if layer["kind"] == "QuantConv2d"} == {4}
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (
+            ["train", "--data", "imagefolder:/nope", "--model", "resnet", "--epochs", "1", "--out", "x"],
+            "/nope does not exist",
+        ),
+        (
+            [
+                "train",
+                "--data",
+                "synthetic",
+                "--model",
+                "resnet",
+                "--model-arg",
+                "depth=3",
+                "--epochs",
+                "1",
+                "--out",
+                "x",
+            ],
+            "depth",
+        ),
+        (
+            [
+                "train",
+                "--data",
+                "synthetic",
+                "--model",
+                "resnet",
+                "--epochs",
+                "1",
+                "--out",
+                "x",
+                "--set",
+                "cutout=99",
+            ],
+            "TrainConfig.cutout",
+        ),
+        (["score", "--model", "resnet", "--weight-bits", "12"], "weight_bits"),
+        (["score"], "give either a model file or --model"),
+    ],
+)
+def test_bad_input_fails_with_one_line_before_training(capsys, argv, needle):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert "epoch" not in err
