@@ -17,6 +17,16 @@ from microsearch.checkpoint import load_model, save_model
 from microsearch.compression import QuantConfig, quantize_
 from microsearch.evaluation import RULES, Score, audit
 from microsearch.evaluation.data import DataConfig, load_data
+from microsearch.evaluation.plots import sweep_figure, write_html
+from microsearch.evaluation.sweep import (
+    METHODS,
+    SweepContext,
+    check_ratios,
+    finetune_config,
+    li_sensitivity,
+    run_sweep,
+    save_rows,
+)
 from microsearch.evaluation.train import (
     EpochStats,
     TrainConfig,
@@ -145,6 +155,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"--ratios must be comma-separated numbers, got {text!r}") from None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    ratios = _ratios(args.ratios)
+    check_ratios(ratios)
+    if args.sensitivity and args.method != "li":
+        raise ValueError("--sensitivity belongs to --method li")
+    _, meta = load_model(args.checkpoint)
+    trained_on = meta.get("data", {})
+    # Hold out the very images the model was validated on, never images it was trained on.
+    data_config = DataConfig(
+        args.data, val_size=trained_on.get("val_size", 5000), seed=trained_on.get("seed", 0)
+    )
+    device = resolve_device(args.device)
+    finetune = finetune_config(meta, args.finetune_epochs, args.finetune_lr, str(device))
+    data = load_data(data_config)
+    if trained_on.get("source", args.data) != args.data:
+        _log(f"warning: the model was trained on {trained_on['source']}, sweeping on {args.data}")
+    ctx = SweepContext(data, finetune, device, tta=meta.get("passes", 1) == 2)
+    out = Path(args.out)
+    if args.sensitivity:
+        ctx.sensitive = li_sensitivity(args.checkpoint, ratios, ctx)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sensitivity.json").write_text(json.dumps(ctx.sensitive, indent=2) + "\n")
+        _log(f"sensitivity of {len(ctx.sensitive)} blocks written to {out / 'sensitivity.json'}")
+    rows = run_sweep(args.checkpoint, args.method, ratios, ctx, log=_log)
+    merged = save_rows(out, rows)
+    write_html(sweep_figure(merged), out / "sweep.html")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{len(rows)} ratios of {args.method} written to {out}/sweep.csv, sweep.json, sweep.html")
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, choices=list_models(), help="registered model name")
     p.add_argument(
@@ -189,9 +239,29 @@ def _build_train(p: argparse.ArgumentParser) -> None:
 
 Builder = Callable[[argparse.ArgumentParser], None]
 Runner = Callable[[argparse.Namespace], int]
+
+
+def _build_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a model.pt written by microsearch train")
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--ratios", required=True, help="comma-separated, e.g. 0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--data", required=True, help="the source the model was trained on")
+    p.add_argument("--out", required=True, help="folder for sweep.csv, sweep.json, sweep.html")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="retraining epochs after pruning")
+    p.add_argument("--finetune-lr", type=float, default=0.02, help="peak learning rate when retraining")
+    p.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="li only: run Li et al.'s per-block analysis first and skip sensitive blocks",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
 COMMANDS: dict[str, tuple[str, Builder, Runner]] = {
     "score": ("audit a model's compression score layer by layer", _build_score, cmd_score),
     "train": ("train a model and save DIR/model.pt", _build_train, cmd_train),
+    "sweep": ("accuracy and score of a saved model pruned at several ratios", _build_sweep, cmd_sweep),
 }
 
 

@@ -62,6 +62,15 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv_bn(mid, c_out, 3)
         self.shortcut = _shortcut(c_in, c_out, stride)
 
+    # Filter pruning removes the producer's filters and the consumer's matching input channels.
+    @property
+    def producer(self) -> nn.Conv2d:
+        return self.conv1[0]
+
+    @property
+    def consumer(self) -> nn.Conv2d:
+        return self.conv2[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.conv1(x))
         out = self.conv2(out)
@@ -78,6 +87,14 @@ class SeparableBlock(nn.Module):
         self.dw2 = _conv_bn(mid, mid, 3, groups=mid)
         self.pw2 = _conv_bn(mid, c_out, 1)
         self.shortcut = _shortcut(c_in, c_out, stride)
+
+    @property
+    def producer(self) -> nn.Conv2d:
+        return self.pw1[0]
+
+    @property
+    def consumer(self) -> nn.Conv2d:
+        return self.pw2[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.pw1(self.dw1(x)))
@@ -111,6 +128,12 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def prunable_blocks(self) -> dict[str, nn.Module]:
+        """The residual blocks by name, in ``config.mid_channels`` order."""
+        return {
+            f"stages.{s}.{b}": block for s, stage in enumerate(self.stages) for b, block in enumerate(stage)
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stem(x))

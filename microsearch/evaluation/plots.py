@@ -1,0 +1,46 @@
+"""Plotly figures, written as self-contained HTML. plotly is imported lazily: nothing else needs it."""
+
+from collections import defaultdict
+from pathlib import Path
+
+
+def sweep_figure(rows: list[dict]):
+    """Accuracy vs pruning ratio and accuracy vs audited score, one line per method."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs pruning ratio", "accuracy vs score"))
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_method[row["method"]].append(row)
+    for i, (method, points) in enumerate(sorted(by_method.items())):
+        points = sorted(points, key=lambda r: r["ratio"])
+        color = _PALETTE[i % len(_PALETTE)]
+        common = {"name": method, "legendgroup": method, "mode": "lines+markers", "line": {"color": color}}
+        fig.add_scatter(
+            x=[p["ratio"] for p in points], y=[p["val_acc"] for p in points], row=1, col=1, **common
+        )
+        fig.add_scatter(
+            x=[p["score"] for p in points],
+            y=[p["val_acc"] for p in points],
+            text=[f"ratio {p['ratio']:.2f}" for p in points],
+            showlegend=False,
+            row=1,
+            col=2,
+            **common,
+        )
+    fig.update_xaxes(title_text="pruning ratio", row=1, col=1)
+    fig.update_xaxes(title_text="score (lower is better)", row=1, col=2)
+    fig.update_yaxes(title_text="validation accuracy", tickformat=".0%")
+    fig.update_layout(title="Pruning sweep", template="plotly_white", height=480)
+    return fig
+
+
+def write_html(fig, path: str | Path) -> Path:
+    """Write ``fig`` as one HTML file that needs no network (plotly.js embedded)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    return path
+
+
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b"]

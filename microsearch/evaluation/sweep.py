@@ -1,0 +1,175 @@
+"""Accuracy and audited score of a trained model pruned at a series of ratios, one method at a time.
+
+The methods: ``random`` and ``global`` (unstructured, ranked across all layers), ``layer`` (the same
+ratio in every layer), ``han`` (iterative prune + retrain), ``li`` (L1 filter pruning) and ``thinet``
+(filters chosen by reconstruction error). For unstructured methods the ratio is the fraction of
+conv/linear weights set to zero; for ``li`` and ``thinet`` it is the fraction of inner filters of
+every residual block that is removed.
+"""
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from microsearch.checkpoint import load_model
+from microsearch.compression import (
+    L1,
+    RandomCriterion,
+    han_prune_,
+    li_prune,
+    make_permanent_,
+    prune_global_,
+    prune_layers_,
+    sensitivity,
+    sparsity,
+    thinet_prune,
+)
+from microsearch.evaluation.data import Dataset
+from microsearch.evaluation.loader import DeviceLoader
+from microsearch.evaluation.score import audit
+from microsearch.evaluation.train import TrainConfig, evaluate, train
+
+
+@dataclass
+class SweepContext:
+    """What a method may use besides the model: data, the retraining recipe, the device."""
+
+    data: Dataset
+    finetune: TrainConfig | None  # None: no retraining
+    device: torch.device
+    tta: bool
+    sensitive: dict[str, dict[float, float]] | None = None  # Li et al.'s analysis, if run
+
+    def retrain(self, model: nn.Module) -> None:
+        if self.finetune:
+            train(model, self.data, self.finetune)
+
+    def sample_images(self, n: int = 256) -> torch.Tensor:
+        """A batch of normalised training images (no augmentation) for ThiNet's activations."""
+        return next(iter(DeviceLoader(self.data.train, n, self.device)))[0]
+
+
+Method = Callable[[nn.Module, float, SweepContext], nn.Module]
+
+
+def _unstructured(criterion) -> Method:
+    def run(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
+        prune_global_(model, ratio, criterion())
+        ctx.retrain(model)
+        return model
+
+    return run
+
+
+def _layer(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
+    prune_layers_(model, ratio)
+    ctx.retrain(model)
+    return model
+
+
+def _han(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
+    han_prune_(model, ratio, ctx.retrain)
+    return model
+
+
+def _li(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
+    return li_prune(model, ratio, ctx.retrain if ctx.finetune else None, sensitive=ctx.sensitive)
+
+
+def _thinet(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
+    return thinet_prune(model, ratio, ctx.sample_images(), ctx.retrain if ctx.finetune else None)
+
+
+METHODS: dict[str, Method] = {
+    "random": _unstructured(RandomCriterion),
+    "global": _unstructured(L1),
+    "layer": _layer,
+    "han": _han,
+    "li": _li,
+    "thinet": _thinet,
+}
+
+
+def check_ratios(ratios: list[float]) -> None:
+    if not ratios:
+        raise ValueError("no ratios given")
+    for r in ratios:
+        if not 0 <= r < 1:
+            raise ValueError(f"ratio {r} must be in [0, 1)")
+
+
+def run_sweep(
+    model_path: str | Path,
+    method: str,
+    ratios: list[float],
+    ctx: SweepContext,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """One row per ratio: the method applied to a fresh copy of the saved model, then audited."""
+    if method not in METHODS:
+        raise ValueError(f"unknown sweep method {method!r}; choose from {', '.join(METHODS)}")
+    check_ratios(ratios)
+    rows = []
+    for ratio in ratios:
+        start = time.perf_counter()
+        model, _ = load_model(model_path, ctx.device)
+        model = METHODS[method](model, ratio, ctx)
+        make_permanent_(model)
+        result = evaluate(model, ctx.data.val, ctx.device, ctx.tta)
+        score = audit(model, passes=result.passes)
+        row = {
+            "method": method,
+            "ratio": ratio,
+            "val_acc": result.accuracy,
+            "score": score.score,
+            "param_term": score.param_term,
+            "ops_term": score.ops_term,
+            "params": score.raw_params,
+            "nonzero_params": score.nonzero_params,
+            "ops": score.raw_ops,
+            "sparsity": sparsity(model),
+            "finetune_epochs": ctx.finetune.epochs if ctx.finetune else 0,
+            "seconds": time.perf_counter() - start,
+        }
+        log(
+            f"{method} ratio {ratio:.2f}: val {row['val_acc']:.2%}  score {row['score']:.4f}  "
+            f"sparsity {row['sparsity']:.1%}  params {row['params']:,}  ({row['seconds']:.0f}s)"
+        )
+        rows.append(row)
+    return rows
+
+
+def li_sensitivity(model_path: str | Path, ratios: list[float], ctx: SweepContext) -> dict:
+    """Li et al.'s per-block sensitivity: validation accuracy with one block pruned, no retraining."""
+    model, _ = load_model(model_path, ctx.device)
+    return sensitivity(model, lambda m: evaluate(m, ctx.data.val, ctx.device, ctx.tta).accuracy, ratios)
+
+
+def save_rows(out: str | Path, rows: list[dict]) -> list[dict]:
+    """Merge ``rows`` into ``out/sweep.json`` (replacing the same method's rows), write the CSV."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "sweep.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    methods = {r["method"] for r in rows}
+    merged = [r for r in old if r["method"] not in methods] + rows
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(merged[0]))
+        writer.writeheader()
+        writer.writerows(merged)
+    return merged
+
+
+def finetune_config(meta: dict, epochs: int, lr: float, device: str) -> TrainConfig | None:
+    """The model's own training recipe (from its file), shortened for retraining after pruning."""
+    if epochs <= 0:
+        return None
+    base = TrainConfig(**meta["train"]) if "train" in meta else TrainConfig()
+    return replace(base, epochs=epochs, lr=lr, warmup=0.0, device=device)
