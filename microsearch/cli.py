@@ -195,6 +195,82 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_worker_args(args: argparse.Namespace) -> list[str]:
+    """The options a launched worker inherits from ``launch``."""
+    out = []
+    for flag, value in (
+        ("--storage", args.storage),
+        ("--n-trials", args.n_trials),
+        ("--timeout", args.timeout),
+    ):
+        if value is not None:
+            out += [flag, str(value)]
+    for assignment in args.set:
+        out += ["--set", assignment]
+    return out
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from microsearch.search import load_study, run_worker, summary
+
+    study = load_study(args.study, args.set)
+    optuna_study = run_worker(study, args.storage, args.n_trials, args.timeout, args.worker, log=_log)
+    print(summary(optuna_study, study.target))
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from microsearch.search import launch, load_study
+
+    study = load_study(args.study, args.set)
+    gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
+    return launch(study, args.workers, gpus, _study_worker_args(args))
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from microsearch.search import load_study, open_study, save_pareto
+
+    study = load_study(args.study, args.set)
+    path = save_pareto(open_study(study, args.storage), study.target, args.out)
+    print(f"wrote {path} (and stored the figure in study {study.name!r} for optuna-dashboard)")
+    return 0
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="a study file, e.g. studies/smoke.toml")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL (default: sqlite beside the study file); journal:PATH for a journal file",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a study-file value, e.g. budget.epochs=2 (repeatable)",
+    )
+
+
+def _build_search(p: argparse.ArgumentParser) -> None:
+    _add_study_args(p)
+    p.add_argument("--n-trials", type=int, help="trials for this worker (default: [budget] trials)")
+    p.add_argument("--timeout", type=float, help="seconds for this worker (default: [budget] timeout)")
+    p.add_argument("--worker", type=int, default=0, help="worker index: sampler seed offset, log tag")
+
+
+def _build_launch(p: argparse.ArgumentParser) -> None:
+    _add_study_args(p)
+    p.add_argument("--workers", type=int, required=True, help="local worker processes")
+    p.add_argument("--gpus", help="comma-separated GPU ids, one worker per GPU in turn, e.g. 0,1,2,3")
+    p.add_argument("--n-trials", type=int, help="trials per worker")
+    p.add_argument("--timeout", type=float, help="seconds per worker")
+
+
+def _build_pareto(p: argparse.ArgumentParser) -> None:
+    _add_study_args(p)
+    p.add_argument("--out", required=True, help="HTML file to write")
+
+
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, choices=list_models(), help="registered model name")
     p.add_argument(
@@ -262,6 +338,9 @@ COMMANDS: dict[str, tuple[str, Builder, Runner]] = {
     "score": ("audit a model's compression score layer by layer", _build_score, cmd_score),
     "train": ("train a model and save DIR/model.pt", _build_train, cmd_train),
     "sweep": ("accuracy and score of a saved model pruned at several ratios", _build_sweep, cmd_sweep),
+    "search": ("run one search worker on a study", _build_search, cmd_search),
+    "launch": ("start several local search workers on a study", _build_launch, cmd_launch),
+    "pareto": ("plot a study's accuracy vs score with the target line", _build_pareto, cmd_pareto),
 }
 
 

@@ -44,3 +44,55 @@ def write_html(fig, path: str | Path) -> Path:
 
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b"]
+
+
+def pareto_figure(points: list[dict], target: float, title: str):
+    """Accuracy vs score of every completed trial, the target line, the feasible front highlighted.
+
+    Each point: ``number``, ``score``, ``val_acc``, ``feasible`` and a ``text`` shown on hover.
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for feasible, name, color in ((True, "feasible", "#1f77b4"), (False, "infeasible", "#bbbbbb")):
+        group = [p for p in points if p["feasible"] == feasible]
+        fig.add_scatter(
+            x=[p["score"] for p in group],
+            y=[p["val_acc"] for p in group],
+            mode="markers",
+            name=name,
+            marker={"color": color, "size": 9},
+            text=[p["text"] for p in group],
+            hovertemplate="%{text}<extra></extra>",
+        )
+    front = pareto_front(points)
+    fig.add_scatter(
+        x=[p["score"] for p in front],
+        y=[p["val_acc"] for p in front],
+        mode="lines+markers",
+        name="feasible Pareto front",
+        line={"color": "#d62728", "shape": "hv"},
+        marker={"color": "#d62728", "size": 11, "symbol": "star"},
+        text=[p["text"] for p in front],
+        hovertemplate="%{text}<extra></extra>",
+    )
+    fig.add_hline(y=target, line_dash="dash", line_color="#2ca02c", annotation_text=f"target {target:.0%}")
+    fig.update_layout(
+        title=title,
+        xaxis_title="score (lower is better)",
+        yaxis_title="validation accuracy",
+        yaxis_tickformat=".0%",
+        template="plotly_white",
+        height=560,
+    )
+    return fig
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """Feasible points that no other feasible point beats on both score and accuracy."""
+    front, best_acc = [], -1.0
+    for p in sorted((p for p in points if p["feasible"]), key=lambda p: (p["score"], -p["val_acc"])):
+        if p["val_acc"] > best_acc:
+            front.append(p)
+            best_acc = p["val_acc"]
+    return front

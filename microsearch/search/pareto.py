@@ -1,0 +1,48 @@
+"""The accuracy-vs-score picture of a study, as HTML and stored in the study for optuna-dashboard."""
+
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from microsearch.evaluation.plots import pareto_figure, write_html
+from microsearch.search.pruner import is_feasible
+
+
+def _describe(trial: optuna.trial.FrozenTrial) -> str:
+    a = trial.user_attrs
+    head = (
+        f"trial {trial.number}: score {trial.value:.4f} "
+        f"(params {a['param_term']:.4f} + ops {a['ops_term']:.4f})<br>val {a['val_acc']:.2%}, {a['params']:,} params, {a['nonzero_params']:,} nonzero"
+    )
+    params = ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()
+    )
+    wrapped = "<br>".join(params[i : i + 90] for i in range(0, len(params), 90))
+    return f"{head}<br>{wrapped}"
+
+
+def trial_points(study: optuna.Study) -> list[dict]:
+    return [
+        {
+            "number": t.number,
+            "score": t.value,
+            "val_acc": t.user_attrs["val_acc"],
+            "feasible": is_feasible(t),
+            "text": _describe(t),
+        }
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "val_acc" in t.user_attrs
+    ]
+
+
+def save_pareto(study: optuna.Study, target: float, out: str | Path) -> Path:
+    """Write the figure to ``out`` and store it in the study (optuna-dashboard shows it)."""
+    from optuna_dashboard import save_plotly_graph_object
+
+    points = trial_points(study)
+    if not points:
+        raise ValueError(f"study {study.study_name!r} has no completed trial to plot yet")
+    fig = pareto_figure(points, target, f"{study.study_name}: accuracy vs score ({len(points)} trials)")
+    save_plotly_graph_object(study, fig)
+    return write_html(fig, out)

@@ -1,0 +1,151 @@
+"""Workers: each runs trials of one named study on a shared storage until its budget is spent."""
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict
+
+import optuna
+from optuna.trial import TrialState
+
+from microsearch.evaluation.data import load_data
+from microsearch.evaluation.train import TrainingDiverged
+from microsearch.search.objective import Objective
+from microsearch.search.pruner import TargetPruner, is_feasible
+from microsearch.search.space import starting_points
+from microsearch.search.storage import open_storage
+from microsearch.search.study import StudyConfig, StudyError
+
+# What defines the search: a worker whose file differs here from the stored study is refused.
+_DEFINING = ("target", "rule", "data", "space", "compression")
+
+
+def _definition(study: StudyConfig) -> dict:
+    d = asdict(study)
+    defining = {k: d[k] for k in _DEFINING}
+    defining["budget"] = {
+        k: d["budget"][k] for k in ("epochs", "finetune_epochs", "finetune_lr", "batch_size", "tta")
+    }
+    return _jsonable(defining)
+
+
+def _jsonable(value):  # tuples become lists, as they come back from the storage
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def open_study(study: StudyConfig, storage_url: str | None = None, worker: int = 0) -> optuna.Study:
+    """Create the study on its storage (or load it), enqueue starting points once."""
+    storage = open_storage(storage_url or study.storage_url, study.heartbeat, study.grace)
+    sampler = optuna.samplers.TPESampler(
+        seed=study.seed + worker, multivariate=True, group=True, constant_liar=True
+    )
+    pruner = TargetPruner(
+        study.target, study.pruner.margin, study.pruner.warmup_epochs, study.pruner.min_feasible
+    )
+    optuna_study = optuna.create_study(
+        study_name=study.name,
+        storage=storage,
+        sampler=sampler,
+        pruner=pruner,
+        direction="minimize",
+        load_if_exists=True,
+    )
+    definition = _definition(study)
+    stored = optuna_study.user_attrs.get("definition")
+    if stored is None:
+        optuna_study.set_user_attr("definition", definition)
+        optuna_study.set_user_attr("study_file", str(study.path))
+        for point in [*starting_points(study), *study.enqueue]:
+            optuna_study.enqueue_trial(point, skip_if_exists=True)
+    elif stored != definition:
+        differ = sorted(k for k in definition if definition[k] != stored.get(k))
+        raise StudyError(
+            f"study {study.name!r} on this storage was created from a different definition "
+            f"(differs in: {', '.join(differ)}); use another study name or storage"
+        )
+    return optuna_study
+
+
+def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial  # Optuna 5: feasible trials only
+    except ValueError:
+        return None
+
+
+def run_worker(
+    study: StudyConfig,
+    storage_url: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    worker: int = 0,
+    log: Callable[[str], None] = print,
+) -> optuna.Study:
+    """One worker: checks storage and data first, then runs trials. Example:
+    ``run_worker(load_study("studies/smoke.toml"), n_trials=4)``."""
+    optuna_study = open_study(study, storage_url, worker)
+    data = load_data(study.data)
+    n_trials = n_trials or study.budget.trials
+    timeout = timeout or study.budget.timeout
+    tag = f"w{worker} " if worker else ""
+    started, done = time.perf_counter(), []
+
+    def after_trial(s: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        done.append(trial.number)
+        best = best_feasible(s)
+        elapsed = time.perf_counter() - started
+        left = elapsed / len(done) * (n_trials - len(done))
+        if timeout:
+            left = min(left, max(0.0, timeout - elapsed))
+        outcome = _outcome(trial)
+        best_text = f"best {best.value:.4f} (trial {best.number})" if best else "no feasible trial yet"
+        log(
+            f"[{tag}trial {trial.number}] {outcome} | {best_text} | {len(done)}/{n_trials} trials, "
+            f"{elapsed:.0f}s, about {left:.0f}s left"
+        )
+
+    optuna_study.optimize(
+        Objective(study, data, log, tag),
+        n_trials=n_trials,
+        timeout=timeout,
+        callbacks=[after_trial],
+        catch=(TrainingDiverged,),
+        gc_after_trial=True,
+    )
+    return optuna_study
+
+
+def _outcome(trial: optuna.trial.FrozenTrial) -> str:
+    if trial.state == TrialState.COMPLETE:
+        feasible = "feasible" if is_feasible(trial) else "infeasible"
+        return f"score {trial.value:.4f}  val {trial.user_attrs['val_acc']:.1%}  {feasible}"
+    if trial.state == TrialState.PRUNED:
+        return "stopped early: below every feasible trial's curve"
+    return trial.state.name.lower()
+
+
+def summary(study: optuna.Study, target: float) -> str:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    counts = {s.name.lower(): states.count(s) for s in TrialState if states.count(s)}
+    best = best_feasible(study)
+    lines = [f"study {study.study_name}: " + ", ".join(f"{c} {n}" for n, c in counts.items())]
+    if best is None:
+        lines.append(f"no trial reached {target:.0%} validation accuracy yet")
+    else:
+        a = best.user_attrs
+        lines.append(
+            f"best feasible: trial {best.number}  score {best.value:.4f} "
+            f"(params {a['param_term']:.4f} + ops {a['ops_term']:.4f})  val {a['val_acc']:.2%}  "
+            f"params {a['params']:,}  nonzero {a['nonzero_params']:,}"
+        )
+        lines.append("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) and not math.isnan(value) else str(value)

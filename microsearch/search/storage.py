@@ -1,0 +1,57 @@
+"""Optuna storages from URLs: SQLite / PostgreSQL / MySQL (RDB, with heartbeats) or ``journal:PATH``.
+
+RDB storages record a heartbeat for every running trial; when a worker dies, the next worker to
+start a trial marks the silent one failed and queues a retry with the same parameters.
+"""
+
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+
+
+class StorageError(RuntimeError):
+    """The storage cannot be opened or reached; the message names the URL."""
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest and ":" in rest.split("@")[0]:
+        user = rest.split("@")[0].split(":")[0]
+        return f"{scheme}://{user}:***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def open_storage(
+    url: str, heartbeat: int = 60, grace: int = 180, max_retry: int = 3
+) -> optuna.storages.BaseStorage:
+    """Open (creating if needed) the storage at ``url`` and check that it answers.
+
+    Example: ``open_storage("journal:studies/run.log")`` or ``open_storage("postgresql+psycopg://...")``.
+    """
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:")).expanduser()
+        if not path.parent.is_dir():
+            raise StorageError(f"journal storage {url}: folder {path.parent} does not exist")
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.parent.is_dir():
+            raise StorageError(f"sqlite storage {url}: folder {path.parent} does not exist")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+            )
+    except Exception as e:  # unreachable server, bad URL, missing driver: one line, no traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(f"cannot open storage {_redact(url)}: {reason}") from None

@@ -1,0 +1,249 @@
+"""Study files: TOML read with ``tomllib`` and validated into dataclasses before any training.
+
+Every error names the file, the table, the key and the bad value. ``--set budget.epochs=2`` style
+overrides are applied to the parsed tables before validation, so they are checked the same way.
+"""
+
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from microsearch.evaluation.data import DataConfig
+from microsearch.evaluation.score import RULES
+from microsearch.evaluation.train import resolve_device
+from microsearch.models import BLOCKS
+
+GRANULARITIES = ("stage", "block")
+STRUCTURED = ("li", "thinet", "none")
+UNSTRUCTURED = ("layer", "none")
+
+
+class StudyError(ValueError):
+    """A study file or override is wrong; the message names the key and the value."""
+
+
+def _range(name: str, value: tuple, low: float, high: float) -> None:
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    if len(value) != 2 or not numbers or not low <= value[0] <= value[1] <= high:
+        raise ValueError(f"{name} must be [low, high] with {low} <= low <= high <= {high}, got {list(value)}")
+
+
+@dataclass
+class SpaceConfig:
+    """Bounds of what each trial samples; ranges are [low, high], inclusive."""
+
+    width: tuple[int, int] = (8, 32)  # stem / first-stage channels (log scale)
+    depth: tuple[int, int] = (1, 3)  # residual blocks per stage
+    multipliers: tuple[int, ...] = (1, 2, 4)  # stage widths relative to the first
+    blocks: tuple[str, ...] = ("basic", "dwsep")  # block types to choose from
+    granularity: str = "stage"  # one pruning ratio and bit-width pair per "stage" or per "block"
+    structured: tuple[float, float] = (0.0, 0.5)  # fraction of inner filters removed
+    unstructured: tuple[float, float] = (0.0, 0.8)  # fraction of conv/linear weights zeroed
+    weight_bits: tuple[int, int] = (2, 8)
+    act_bits: tuple[int, int] = (4, 8)
+    first_last_bits: int = 8  # stem convolution and classifier
+    lr: tuple[float, float] = (0.05, 0.4)  # peak learning rate (log scale)
+    weight_decay: tuple[float, float] = (1e-4, 1e-3)  # (log scale)
+    cutout: tuple[int, int] = (0, 12)  # cutout square side in pixels
+    mixup: tuple[float, float] = (0.0, 0.4)
+    label_smoothing: tuple[float, float] = (0.0, 0.2)
+
+    def __post_init__(self) -> None:
+        _range("width", self.width, 1, 1024)
+        _range("depth", self.depth, 1, 32)
+        _range("structured", self.structured, 0, 0.95)
+        _range("unstructured", self.unstructured, 0, 0.99)
+        _range("weight_bits", self.weight_bits, 1, 8)
+        _range("act_bits", self.act_bits, 2, 8)
+        _range("lr", self.lr, 1e-5, 10)
+        _range("weight_decay", self.weight_decay, 1e-7, 0.1)
+        _range("cutout", self.cutout, 0, 32)
+        _range("mixup", self.mixup, 0, 2)
+        _range("label_smoothing", self.label_smoothing, 0, 0.5)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        bad = [b for b in self.blocks if b not in BLOCKS]
+        if bad or not self.blocks:
+            raise ValueError(f"blocks must be a non-empty list of {sorted(BLOCKS)}, got {list(self.blocks)}")
+        if not self.multipliers or min(self.multipliers) < 1:
+            raise ValueError(f"multipliers must be integers >= 1, got {list(self.multipliers)}")
+        if self.first_last_bits not in (2, 3, 4, 5, 6, 7, 8, 16, 32):
+            raise ValueError(f"first_last_bits must be 2-8, 16 or 32, got {self.first_last_bits}")
+
+
+@dataclass
+class BudgetConfig:
+    epochs: int = 10  # training epochs per trial, before compression
+    finetune_epochs: int = 2  # retraining epochs after pruning
+    finetune_lr: float = 0.02  # peak learning rate of that retraining
+    trials: int = 50  # trials per worker
+    timeout: float | None = None  # seconds per worker; None: no limit
+    batch_size: int = 256
+    tta: bool = False  # flip test-time augmentation (its second pass is scored)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "trials", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if self.finetune_lr <= 0:
+            raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+
+
+@dataclass
+class CompressionConfig:
+    structured: str = "li"  # filter pruning method: li | thinet | none
+    unstructured: str = "layer"  # magnitude pruning with the sampled per-layer ratios, or none
+
+    def __post_init__(self) -> None:
+        if self.structured not in STRUCTURED:
+            raise ValueError(f"structured must be one of {STRUCTURED}, got {self.structured!r}")
+        if self.unstructured not in UNSTRUCTURED:
+            raise ValueError(f"unstructured must be one of {UNSTRUCTURED}, got {self.unstructured!r}")
+
+
+@dataclass
+class PrunerConfig:
+    """Stop a trial whose validation accuracy at epoch k is below what every feasible trial had at
+    k, each feasible curve scaled to end at the target (see ``search/pruner.py``)."""
+
+    warmup_epochs: int = 2  # never stop at or before this epoch
+    margin: float = 0.05  # accuracy below that floor that is still tolerated
+    min_feasible: int = 1  # feasible trials needed before anything is stopped
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0 or self.min_feasible < 1 or not 0 <= self.margin < 1:
+            raise ValueError(
+                f"need warmup_epochs >= 0, min_feasible >= 1, 0 <= margin < 1; got "
+                f"{self.warmup_epochs}, {self.min_feasible}, {self.margin}"
+            )
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    path: Path  # the study file; relative storage paths are resolved beside it
+    target: float = 0.90  # validation accuracy a trial needs to be feasible
+    rule: str = "lab4"
+    storage: str | None = None  # None: sqlite:///<study folder>/<name>.db
+    seed: int = 0  # sampler seed (worker i uses seed + i) and data split seed
+    device: str = "auto"
+    heartbeat: int = 60  # seconds between heartbeats (RDB storages)
+    grace: int = 180  # seconds without a heartbeat before a trial is failed and retried
+    data: DataConfig = field(default_factory=DataConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    enqueue: list[dict[str, Any]] = field(default_factory=list)  # starting points (param values)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target <= 1:
+            raise ValueError(f"target must be in (0, 1], got {self.target}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {list(RULES)}, got {self.rule!r}")
+        if self.heartbeat < 1 or self.grace <= self.heartbeat:
+            raise ValueError(f"need heartbeat >= 1 and grace > heartbeat, got {self.heartbeat}, {self.grace}")
+        resolve_device(self.device)
+
+    @property
+    def storage_url(self) -> str:
+        """The storage URL; by default an SQLite file beside the study file."""
+        if self.storage is None:
+            return f"sqlite:///{(self.path.parent / f'{self.name}.db').resolve()}"
+        return self.storage
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "budget": BudgetConfig,
+    "space": SpaceConfig,
+    "compression": CompressionConfig,
+    "pruner": PrunerConfig,
+}
+
+
+def _check_type(where: str, default: Any, value: Any) -> Any:
+    """Match ``value`` against the type of the field's default; lists become tuples."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int) and not isinstance(default, bool):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list | tuple)
+        value = tuple(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        raise StudyError(f"{where} = {value!r} has the wrong type (expected like {default!r})")
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], where: str, **extra: Any):
+    if not isinstance(table, dict):
+        raise StudyError(f"{where} must be a table, got {table!r}")
+    known = {f.name: f for f in fields(cls)}
+    for key in table:
+        if key not in known or key in extra:
+            raise StudyError(
+                f"unknown key {where}.{key}; known keys: {', '.join(sorted(set(known) - set(extra)))}"
+            )
+    values = {}
+    for key, value in table.items():
+        f = known[key]
+        default = None if f.default is MISSING else f.default
+        values[key] = _check_type(f"{where}.{key}", default, value)
+    try:
+        return cls(**values, **extra)
+    except (ValueError, TypeError) as e:
+        raise StudyError(f"{where}: {e}") from None
+
+
+def _apply_override(tables: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep:
+        raise StudyError(f"--set {assignment!r} is not of the form section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    section, _, name = key.rpartition(".")
+    target = tables.setdefault(section, {}) if section else tables.setdefault("study", {})
+    target[name] = value
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+    """Read and validate a study file, e.g. ``load_study("studies/smoke.toml", ["budget.trials=4"])``."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"no study file at {path}")
+    try:
+        tables = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise StudyError(f"{path}: not valid TOML: {e}") from None
+    for assignment in overrides:
+        _apply_override(tables, assignment)
+    try:
+        unknown = sorted(set(tables) - {"study", "enqueue", *_SECTIONS})
+        if unknown:
+            raise StudyError(
+                f"unknown table [{unknown[0]}]; known: [study], {', '.join(_SECTIONS)}, [[enqueue]]"
+            )
+        study = dict(tables.get("study", {}))
+        if "name" not in study:
+            study["name"] = path.stem
+        sections = {name: _build(cls, tables.get(name, {}), f"[{name}]") for name, cls in _SECTIONS.items()}
+        enqueue = tables.get("enqueue", [])
+        if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
+            raise StudyError("[[enqueue]] must be an array of tables of parameter values")
+        return _build(StudyConfig, study, "[study]", path=path, enqueue=enqueue, **sections)
+    except StudyError as e:
+        raise StudyError(f"{path}: {e}") from None
