@@ -13,7 +13,8 @@ def _describe(trial: optuna.trial.FrozenTrial) -> str:
     a = trial.user_attrs
     head = (
         f"trial {trial.number}: score {trial.value:.4f} "
-        f"(params {a['param_term']:.4f} + ops {a['ops_term']:.4f})<br>val {a['val_acc']:.2%}, {a['params']:,} params, {a['nonzero_params']:,} nonzero"
+        f"(params {a['param_term']:.4f} + ops {a['ops_term']:.4f})"
+        f"<br>val {a['val_acc']:.2%}, {a['params']:,} params, {a['nonzero_params']:,} nonzero"
     )
     params = ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()

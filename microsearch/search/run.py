@@ -40,10 +40,13 @@ def _jsonable(value):  # tuples become lists, as they come back from the storage
 
 def open_study(study: StudyConfig, storage_url: str | None = None, worker: int = 0) -> optuna.Study:
     """Create the study on its storage (or load it), enqueue starting points once."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # workers print their own progress
     storage = open_storage(storage_url or study.storage_url, study.heartbeat, study.grace)
-    sampler = optuna.samplers.TPESampler(
-        seed=study.seed + worker, multivariate=True, group=True, constant_liar=True
-    )
+    with warnings.catch_warnings():  # group=True is "experimental" but is what conditional spaces need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=study.seed + worker, multivariate=True, group=True, constant_liar=True
+        )
     pruner = TargetPruner(
         study.target, study.pruner.margin, study.pruner.warmup_epochs, study.pruner.min_feasible
     )
