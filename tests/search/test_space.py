@@ -1,0 +1,63 @@
+import optuna
+import pytest
+
+from microsearch.compression import compute_layers
+from microsearch.models import create_model
+from microsearch.search import load_study, starting_points, suggest
+from microsearch.search.space import MODEL
+
+
+def _sample(study, seed=0):
+    optuna_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    trial = optuna_study.ask()
+    return trial, suggest(trial, study)
+
+
+@pytest.mark.parametrize("granularity", ["stage", "block"])
+def test_conditional_parameters_follow_the_sampled_depth(tiny_study, granularity):
+    study = load_study(tiny_study(), [f"space.granularity='{granularity}'", "space.depth=[1, 3]"])
+    for seed in range(6):
+        trial, plan = _sample(study, seed)
+        depth = trial.params["depth"]
+        unit_params = {k.rsplit("_", 1)[0] for k in trial.params if k.startswith("s")}
+        if granularity == "stage":
+            assert unit_params == {"s0", "s1"}
+        else:
+            assert unit_params == {f"s{s}b{b}" for s in range(2) for b in range(depth)}
+        model = create_model(MODEL, **plan.model)
+        middle = [n for n in compute_layers(model) if n.startswith("stages.")]
+        assert set(plan.quant.layer_bits) == set(middle)  # every middle layer has sampled bits
+        assert set(plan.sparsity) == set(middle)  # stem and classifier are never pruned
+        assert set(plan.filters) == set(model.prunable_blocks())
+
+
+def test_plan_values_come_from_the_trial(tiny_study):
+    study = load_study(tiny_study(), ["space.granularity='block'"])
+    trial, plan = _sample(study)
+    assert plan.model["width"] == trial.params["width"]
+    assert plan.quant.layer_bits["stages.1.0.conv2.0"] == (
+        trial.params["s1b0_wbits"],
+        trial.params["s1b0_abits"],
+    )
+    assert plan.filters["stages.1.0"] == trial.params["s1b0_filters"]
+    assert plan.sparsity["stages.0.0.conv1.0"] == trial.params["s0b0_sparsity"]
+    assert plan.quant.first_last_bits == 8 and plan.train.lr == trial.params["lr"]
+
+
+def test_a_stored_trial_rebuilds_exactly(tiny_study):
+    study = load_study(tiny_study())
+    trial, plan = _sample(study)
+    again = suggest(optuna.trial.FixedTrial(trial.params), study)
+    assert again.to_dict() == plan.to_dict()
+
+
+def test_starting_point_is_inside_the_space(tiny_study):
+    study = load_study(tiny_study())
+    (point,) = starting_points(study)
+    assert point["width"] == 4 and point["depth"] == 1  # ResNet-20's 16 and 3, clamped
+    optuna_study = optuna.create_study()
+    optuna_study.enqueue_trial(point)
+    trial = optuna_study.ask()
+    plan = suggest(trial, study)
+    assert trial.params == point
+    assert set(plan.quant.layer_bits.values()) == {(4, 4)}

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from microsearch.cli import main
+from microsearch.search import StudyError, load_study
+
+STUDIES = Path(__file__).parents[2] / "studies"
+
+
+@pytest.mark.parametrize("name", ["smoke", "cifar10"])
+def test_shipped_studies_are_valid(name):
+    study = load_study(STUDIES / f"{name}.toml")
+    assert study.name == name
+    assert study.storage_url == f"sqlite:///{(STUDIES / f'{name}.db').resolve()}"
+
+
+def test_the_real_study_targets_90_percent_on_cifar10():
+    study = load_study(STUDIES / "cifar10.toml")
+    assert study.target == 0.90 and study.data.source.startswith(("cifar10", "imagefolder"))
+
+
+def test_overrides_are_validated_like_the_file(tiny_study):
+    study = load_study(tiny_study(), ["budget.epochs=3", "space.width=[2, 8]", "target=0.5"])
+    assert (study.budget.epochs, study.space.width, study.target) == (3, (2, 8), 0.5)
+    with pytest.raises(StudyError, match=r"\[budget\]: epochs must be >= 1, got 0"):
+        load_study(tiny_study(), ["budget.epochs=0"])
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (("[budget]", "[budget]\nepochz = 3"), "unknown key [budget].epochz"),
+        (("[pruner]", "[prunerz]"), "unknown table [prunerz]"),
+        (("epochs = 1", 'epochs = "one"'), "[budget].epochs = 'one' has the wrong type"),
+        (("width = [2, 4]", "width = [4, 2]"), "[space]: width must be [low, high]"),
+        (('blocks = ["basic"]', 'blocks = ["vgg"]'), "blocks must be a non-empty list"),
+        (("target = 0.2", "target = 1.5"), "[study]: target must be in (0, 1]"),
+        (("synthetic:300", "mnist"), "unknown data source 'mnist'"),
+        (("[budget]", "[budget"), "not valid TOML"),
+    ],
+)
+def test_bad_study_files_name_the_key(tiny_study, edit, needle):
+    path = tiny_study()
+    path.write_text(path.read_text().replace(*edit, 1))
+    with pytest.raises(StudyError) as error:
+        load_study(path)
+    assert needle in str(error.value) and str(path) in str(error.value)
+
+
+def test_a_bad_study_file_fails_in_the_cli_before_any_training(tiny_study, capsys):
+    path = tiny_study()
+    path.write_text(path.read_text().replace("[space]", "[space]\nwidht = [2, 4]"))
+    assert main(["search", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key [space].widht" in err and len(err.strip().splitlines()) == 1
+    assert "epoch" not in err
+
+
+def test_an_unreachable_storage_fails_with_one_line(tiny_study, capsys):
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
+    assert main(["search", str(tiny_study()), "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open storage postgresql+psycopg://nobody@127.0.0.1:1/none" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_study_file(capsys):
+    assert main(["search", "no/such.toml"]) == 2
+    assert "no study file at no/such.toml" in capsys.readouterr().err

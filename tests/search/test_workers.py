@@ -1,0 +1,112 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from microsearch.cli import main
+from microsearch.search import load_study, open_storage
+
+POSTGRES = os.environ.get("MICROSEARCH_TEST_POSTGRES")
+
+
+def _storages(tmp_path: Path) -> dict[str, str]:
+    return {"sqlite": f"sqlite:///{tmp_path / 'study.db'}", "journal": f"journal:{tmp_path / 'study.log'}"}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
+def test_three_parallel_workers_share_one_study(kind, tiny_study, tmp_path, capsys):
+    if kind == "postgresql":
+        if not POSTGRES:
+            pytest.skip("MICROSEARCH_TEST_POSTGRES is not set (.ci/run sets it)")
+        url = POSTGRES
+    else:
+        url = _storages(tmp_path)[kind]
+    path = tiny_study()
+    study = load_study(path)
+    code = main(["launch", str(path), "--workers", "3", "--n-trials", "2", "--storage", url])
+    assert code == 0, capsys.readouterr().err
+    result = optuna.load_study(study_name=study.name, storage=open_storage(url))
+    trials = result.get_trials()
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(6))  # no duplicate numbers, nothing lost
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert sum(t.state == TrialState.COMPLETE for t in trials) >= 1
+    assert all("config" in t.user_attrs and t.intermediate_values for t in trials)
+    if kind == "postgresql":
+        optuna.delete_study(study_name=study.name, storage=url)
+
+
+def _worker(path: Path, url: str, n_trials: int) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "microsearch",
+        "search",
+        str(path),
+        "--storage",
+        url,
+        "--n-trials",
+        str(n_trials),
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_killed_workers_trial_is_marked_failed_and_retried(tiny_study, tmp_path):
+    path = tiny_study(images=3000, epochs=3)  # a few seconds per trial: time to kill it mid-way
+    study = load_study(path)
+    url = f"sqlite:///{tmp_path / 'kill.db'}"
+    storage = open_storage(url, study.heartbeat, study.grace)
+    victim = _worker(path, url, 1)
+    deadline = time.time() + 120
+    running = []
+    while not running and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.2)
+        try:
+            running = optuna.load_study(study_name=study.name, storage=storage).get_trials(
+                states=(TrialState.RUNNING,)
+            )
+        except KeyError:  # the study is not created yet
+            continue
+    assert running, (
+        f"the worker never started a trial: {victim.stderr.read() if victim.poll() is not None else ''}"
+    )
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    time.sleep(study.grace + 1)  # no heartbeat for longer than the grace period
+
+    rescuer = _worker(path, url, 1)
+    _, err = rescuer.communicate(timeout=300)
+    assert rescuer.returncode == 0, err
+    trials = optuna.load_study(study_name=study.name, storage=storage).get_trials()
+    killed = next(t for t in trials if t.number == running[0].number)
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == killed.number)
+    assert killed.state == TrialState.FAIL
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retry.params == killed.params
+
+
+def test_restarting_a_study_resumes_it(tiny_study, tmp_path, capsys):
+    path = tiny_study()
+    url = f"sqlite:///{tmp_path / 'resume.db'}"
+    assert main(["search", str(path), "--storage", url, "--n-trials", "2"]) == 0
+    assert main(["search", str(path), "--storage", url, "--n-trials", "1"]) == 0
+    study = load_study(path)
+    trials = optuna.load_study(study_name=study.name, storage=url).get_trials()
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert trials[0].params["width"] == 4  # the enqueued starting point ran first, once
+    out = capsys.readouterr().out
+    assert f"study {study.name}:" in out and ("best feasible: trial" in out or "no trial reached" in out)
+
+
+def test_a_changed_definition_is_refused_on_the_same_storage(tiny_study, tmp_path, capsys):
+    path = tiny_study()
+    url = f"sqlite:///{tmp_path / 'def.db'}"
+    assert main(["search", str(path), "--storage", url, "--n-trials", "1"]) == 0
+    assert main(["search", str(path), "--storage", url, "--n-trials", "1", "--set", "target=0.5"]) == 2
+    assert "created from a different definition (differs in: target)" in capsys.readouterr().err
