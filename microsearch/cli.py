@@ -62,9 +62,7 @@ def _score_table(score: Score) -> str:
     for layer in score.layers:
         bits = f"{layer.weight_bits}/{layer.act_bits}/{layer.bias_bits}"
         ops = layer.mult_ops + layer.add_ops
-        rows.append(
-            f"{layer.name:<28} {layer.kind:<16} {layer.params:>9,} {layer.nonzero:>9,} {bits:>10} {ops:>12,}"
-        )
+        rows.append(f"{layer.name:<28} {layer.kind:<16} {layer.params:>9,} {layer.nonzero:>9,} {bits:>10} {ops:>12,}")
     rows += [
         "-" * len(head),
         f"rule {score.rule}, {score.passes} forward pass(es) per image",
@@ -83,13 +81,14 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise ValueError("--model-arg/--weight-bits/--act-bits apply to --model, not to a model file")
         model, meta = load_model(args.checkpoint)
         passes = meta.get("passes", 1)
+        args.rule = args.rule or meta.get("rule", "lab4")  # the rule the file was scored under
     else:
         torch.manual_seed(0)  # a fixed initialisation, so counted nonzeros are reproducible
         model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
         if args.weight_bits or args.act_bits:
             quantize_(model, QuantConfig(weight_bits=args.weight_bits or 32, act_bits=args.act_bits or 32))
         passes = 1
-    score = audit(model, rule=args.rule, passes=passes)
+    score = audit(model, rule=args.rule or "lab4", passes=passes)
     print(json.dumps(score.to_dict(), indent=2) if args.json else _score_table(score))
     return 0
 
@@ -170,9 +169,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _, meta = load_model(args.checkpoint)
     trained_on = meta.get("data", {})
     # Hold out the very images the model was validated on, never images it was trained on.
-    data_config = DataConfig(
-        args.data, val_size=trained_on.get("val_size", 5000), seed=trained_on.get("seed", 0)
-    )
+    data_config = DataConfig(args.data, val_size=trained_on.get("val_size", 5000), seed=trained_on.get("seed", 0))
     device = resolve_device(args.device)
     finetune = finetune_config(meta, args.finetune_epochs, args.finetune_lr, str(device))
     data = load_data(data_config)
@@ -236,6 +233,40 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from microsearch.search import load_study, serve_dashboard
+
+    serve_dashboard(load_study(args.study, args.set), args.storage, args.host, args.port, log=_log)
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from microsearch.search import load_study, retrain
+
+    card = retrain(load_study(args.study, args.set), args.out, args.storage, args.trial, args.epochs, log=_log)
+    a = card["audit"]
+    print(
+        f"trial {card['trial']}: test accuracy {card['test_acc']:.2%}  score {a['score']:.5f} ({card['rule']})  "
+        f"wrote {args.out}/model.pt, model_card.json, model_card.md"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from microsearch.search import load_study, open_study, write_report
+
+    study = load_study(args.study, args.set)
+    html_path, md_path = write_report(
+        study,
+        open_study(study, args.storage),
+        args.out,
+        Path(args.sweeps) if args.sweeps else None,
+        Path(args.model) if args.model else None,
+    )
+    print(f"wrote {html_path} and {md_path}")
+    return 0
+
+
 def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="a study file, e.g. studies/smoke.toml")
     p.add_argument(
@@ -271,6 +302,26 @@ def _build_pareto(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="HTML file to write")
 
 
+def _build_dashboard(p: argparse.ArgumentParser) -> None:
+    _add_study_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    p.add_argument("--port", type=int, default=8080)
+
+
+def _build_retrain(p: argparse.ArgumentParser) -> None:
+    _add_study_args(p)
+    p.add_argument("--trial", default="best", help="'best' (best feasible) or a trial number")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the study's per-trial budget)")
+    p.add_argument("--out", required=True, help="folder for model.pt, model_card.json, model_card.md")
+
+
+def _build_report(p: argparse.ArgumentParser) -> None:
+    _add_study_args(p)
+    p.add_argument("--out", required=True, help="folder for report.html and report.md")
+    p.add_argument("--sweeps", help="a folder written by `microsearch sweep`, to include")
+    p.add_argument("--model", help="a folder written by `microsearch retrain`, to include its card")
+
+
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, choices=list_models(), help="registered model name")
     p.add_argument(
@@ -287,7 +338,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
 def _build_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="a model.pt written by microsearch")
     _add_model_args(p, required=False)
-    p.add_argument("--rule", choices=list(RULES), default="lab4", help="score accounting rule")
+    p.add_argument("--rule", choices=list(RULES), help="score accounting rule (default: the file's, else lab4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -341,6 +392,13 @@ COMMANDS: dict[str, tuple[str, Builder, Runner]] = {
     "search": ("run one search worker on a study", _build_search, cmd_search),
     "launch": ("start several local search workers on a study", _build_launch, cmd_launch),
     "pareto": ("plot a study's accuracy vs score with the target line", _build_pareto, cmd_pareto),
+    "dashboard": ("serve optuna-dashboard on a study", _build_dashboard, cmd_dashboard),
+    "retrain": (
+        "retrain a trial on all training images, test it once, write its model card",
+        _build_retrain,
+        cmd_retrain,
+    ),
+    "report": ("write the study report (HTML and markdown)", _build_report, cmd_report),
 }
 
 

@@ -93,9 +93,7 @@ def prune_global_(model: nn.Module, ratio: float, criterion: Criterion | None = 
     _apply_keep(modules, _keep_top(scores, ratio))
 
 
-def prune_layers_(
-    model: nn.Module, ratios: float | dict[str, float], criterion: Criterion | None = None
-) -> None:
+def prune_layers_(model: nn.Module, ratios: float | dict[str, float], criterion: Criterion | None = None) -> None:
     """Zero a ratio of each layer's weights: one ratio for all, or one per layer name."""
     criterion = criterion or L1()
     layers = prunable_layers(model)

@@ -188,9 +188,7 @@ def load_data(config: DataConfig) -> Dataset:
     name, _, arg = config.source.partition(":")
     full, test, classes = SOURCES[name](arg, config)
     if config.val_size >= len(full):
-        raise DataError(
-            f"val_size {config.val_size} leaves no training images ({config.source} has {len(full)})"
-        )
+        raise DataError(f"val_size {config.val_size} leaves no training images ({config.source} has {len(full)})")
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(config.seed))
     val_idx, train_idx = order[: config.val_size], order[config.val_size :]
     train = Split(full.images[train_idx], full.labels[train_idx])

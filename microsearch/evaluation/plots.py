@@ -16,9 +16,7 @@ def sweep_figure(rows: list[dict]):
         points = sorted(points, key=lambda r: r["ratio"])
         color = _PALETTE[i % len(_PALETTE)]
         common = {"name": method, "legendgroup": method, "mode": "lines+markers", "line": {"color": color}}
-        fig.add_scatter(
-            x=[p["ratio"] for p in points], y=[p["val_acc"] for p in points], row=1, col=1, **common
-        )
+        fig.add_scatter(x=[p["ratio"] for p in points], y=[p["val_acc"] for p in points], row=1, col=1, **common)
         fig.add_scatter(
             x=[p["score"] for p in points],
             y=[p["val_acc"] for p in points],

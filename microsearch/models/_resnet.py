@@ -28,16 +28,12 @@ class ResNetConfig:
         if self.width < 1:
             raise ValueError(f"width must be >= 1, got {self.width}")
         if len(self.multipliers) != len(self.blocks) or not self.blocks:
-            raise ValueError(
-                f"multipliers {self.multipliers} and blocks {self.blocks} need one entry per stage"
-            )
+            raise ValueError(f"multipliers {self.multipliers} and blocks {self.blocks} need one entry per stage")
         if min(self.multipliers) < 1 or min(self.blocks) < 1:
             raise ValueError(f"multipliers {self.multipliers} and blocks {self.blocks} must be >= 1")
         if self.block not in BLOCKS:
             raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {self.block!r}")
-        if self.mid_channels is not None and (
-            len(self.mid_channels) != sum(self.blocks) or min(self.mid_channels) < 1
-        ):
+        if self.mid_channels is not None and (len(self.mid_channels) != sum(self.blocks) or min(self.mid_channels) < 1):
             raise ValueError(f"mid_channels needs {sum(self.blocks)} entries >= 1, got {self.mid_channels}")
 
     def stage_channels(self) -> list[int]:
@@ -131,9 +127,7 @@ class ResNet(nn.Module):
 
     def prunable_blocks(self) -> dict[str, nn.Module]:
         """The residual blocks by name, in ``config.mid_channels`` order."""
-        return {
-            f"stages.{s}.{b}": block for s, stage in enumerate(self.stages) for b, block in enumerate(stage)
-        }
+        return {f"stages.{s}.{b}": block for s, stage in enumerate(self.stages) for b, block in enumerate(stage)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stem(x))

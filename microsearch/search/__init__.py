@@ -3,8 +3,11 @@
 This is the only package that imports optuna.
 """
 
+from microsearch.search.dashboard import serve_dashboard
 from microsearch.search.pareto import save_pareto, trial_points
 from microsearch.search.pruner import TargetPruner, is_feasible
+from microsearch.search.report import write_report
+from microsearch.search.retrain import retrain
 from microsearch.search.run import best_feasible, open_study, run_worker, summary
 from microsearch.search.space import TrialPlan, starting_points, suggest
 from microsearch.search.storage import StorageError, open_storage
@@ -23,10 +26,13 @@ __all__ = [
     "load_study",
     "open_storage",
     "open_study",
+    "retrain",
     "run_worker",
     "save_pareto",
+    "serve_dashboard",
     "starting_points",
     "suggest",
     "summary",
     "trial_points",
+    "write_report",
 ]

@@ -1,22 +1,74 @@
-"""One trial: build -> train with quantization-aware layers -> prune -> fine-tune -> validate -> audit."""
+"""One trial: build -> train with quantization-aware layers -> prune -> fine-tune -> validate -> audit.
 
+``train_and_compress`` is the whole recipe of a plan; the search runs it on the training images and
+validates, ``retrain`` runs it on training + validation images and tests once.
+"""
+
+import importlib.util
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import optuna
 import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from torch import nn
 
 from microsearch import code_version
+from microsearch.checkpoint import save_model
 from microsearch.compression import li_prune, make_permanent_, prune_layers_, quantize_, thinet_prune
-from microsearch.evaluation import audit
+from microsearch.evaluation import Score, audit
 from microsearch.evaluation.data import Dataset
 from microsearch.evaluation.loader import DeviceLoader
 from microsearch.evaluation.train import EpochStats, device_name, evaluate, resolve_device, train
 from microsearch.models import create_model
 from microsearch.search.space import MODEL, TrialPlan, suggest
 from microsearch.search.study import StudyConfig
+
+
+def _li(model: nn.Module, filters: dict[str, float], data: Dataset, device: torch.device) -> nn.Module:
+    return li_prune(model, filters)
+
+
+def _thinet(model: nn.Module, filters: dict[str, float], data: Dataset, device: torch.device) -> nn.Module:
+    images = next(iter(DeviceLoader(data.train, 256, device)))[0]  # activations to reconstruct
+    return thinet_prune(model, filters, images)
+
+
+FILTER_PRUNERS: dict[str, Callable[[nn.Module, dict[str, float], Dataset, torch.device], nn.Module]] = {
+    "li": _li,
+    "thinet": _thinet,
+}
+
+EpochHook = Callable[[EpochStats], None] | None
+
+
+def train_and_compress(
+    plan: TrialPlan,
+    study: StudyConfig,
+    data: Dataset,
+    on_epoch: EpochHook = None,
+    on_finetune_epoch: EpochHook = None,
+) -> nn.Module:
+    """Build the planned model, train it quantization-aware, remove filters, zero weights,
+    fine-tune with the masks fixed and make the pruning permanent."""
+    device = resolve_device(plan.train.device)
+    torch.manual_seed(plan.train.seed)
+    model = create_model(MODEL, **plan.model)
+    quantize_(model, plan.quant)
+    train(model, data, plan.train, on_epoch=on_epoch)
+    if any(plan.filters.values()):
+        model = FILTER_PRUNERS[study.compression.structured](model, plan.filters, data, device)
+    if plan.sparsity:
+        prune_layers_(model, plan.sparsity)
+    budget = study.budget
+    if budget.finetune_epochs:
+        tune = replace(plan.train, epochs=budget.finetune_epochs, lr=budget.finetune_lr, warmup=0.0)
+        train(model, data, tune, on_epoch=on_finetune_epoch)
+    make_permanent_(model)
+    return model
 
 
 def set_feasibility(trial: optuna.Trial, accuracy: float, target: float) -> None:
@@ -26,28 +78,62 @@ def set_feasibility(trial: optuna.Trial, accuracy: float, target: float) -> None
     trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [target - accuracy])
 
 
-def _li(model: nn.Module, filters: dict[str, float], objective: "Objective") -> nn.Module:
-    return li_prune(model, filters)
+def layer_table(audit: dict) -> tuple[list[str], list[list]]:
+    """The layers of an audit (``Score.to_dict()``) as table headers and rows."""
+    head = ["layer", "kind", "params", "nonzero", "bits w/a", "ops"]
+    rows = [
+        [
+            x["name"],
+            x["kind"],
+            x["params"],
+            x["nonzero"],
+            f"{x['weight_bits']}/{x['act_bits']}",
+            x["mult_ops"] + x["add_ops"],
+        ]
+        for x in audit["layers"]
+    ]
+    return head, rows
 
 
-def _thinet(model: nn.Module, filters: dict[str, float], objective: "Objective") -> nn.Module:
-    images = next(iter(DeviceLoader(objective.data.train, 256, objective.device)))[0]
-    return thinet_prune(model, filters, images)
+def score_line(audit: dict) -> str:
+    return (
+        f"score {audit['score']:.5f} = params {audit['param_term']:.5f} + ops {audit['ops_term']:.5f} "
+        f"(rule {audit['rule']}, {audit['passes']} pass(es); {audit['raw_params']:,} params, "
+        f"{audit['nonzero_params']:,} nonzero, {audit['raw_ops']:,} ops)"
+    )
 
 
-FILTER_PRUNERS: dict[str, Callable[[nn.Module, dict[str, float], "Objective"], nn.Module]] = {
-    "li": _li,
-    "thinet": _thinet,
-}
+def score_table(audit: dict) -> str:
+    """The audit in markdown: one row per layer, then the score and its terms."""
+    head, rows = layer_table(audit)
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---|---:|"]
+    lines += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + f"\n\n**{score_line(audit)}**"
+
+
+def _note(trial: optuna.Trial, body: str) -> None:
+    """A markdown note optuna-dashboard shows with the trial (skipped where it is not installed)."""
+    if importlib.util.find_spec("optuna_dashboard"):
+        from optuna_dashboard import save_note
+
+        save_note(trial, body)
 
 
 class Objective:
-    """The study's objective: returns the audited score of the compressed model."""
+    """The study's objective: returns the audited score of the compressed model.
+
+    Completed trials store their model file in ``artifacts`` (optuna-dashboard lists it).
+    """
 
     def __init__(
-        self, study: StudyConfig, data: Dataset, log: Callable[[str], None] = print, tag: str = ""
+        self,
+        study: StudyConfig,
+        data: Dataset,
+        log: Callable[[str], None] = print,
+        tag: str = "",
+        artifacts: FileSystemArtifactStore | None = None,
     ) -> None:
-        self.study, self.data, self.log, self.tag = study, data, log, tag
+        self.study, self.data, self.log, self.tag, self.artifacts = study, data, log, tag, artifacts
         self.device = resolve_device(study.device)
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -69,15 +155,9 @@ class Objective:
             if trial.should_prune():
                 trial.set_user_attr("history", history)
                 set_feasibility(trial, stats.val_acc, self.study.target)
-                raise optuna.TrialPruned(
-                    f"val {stats.val_acc:.1%} at epoch {step} is below every feasible trial"
-                )
+                raise optuna.TrialPruned(f"val {stats.val_acc:.1%} at epoch {step} is below every feasible trial")
 
-        torch.manual_seed(plan.train.seed)
-        model = create_model(MODEL, **plan.model)
-        quantize_(model, plan.quant)
-        train(model, self.data, plan.train, on_epoch=report)
-        model = self.compress(model, plan, lambda s: report(s, offset=plan.train.epochs))
+        model = train_and_compress(plan, self.study, self.data, report, lambda s: report(s, offset=plan.train.epochs))
         result = evaluate(model, self.data.val, self.device, plan.train.tta)
         score = audit(model, rule=self.study.rule, passes=result.passes)
         set_feasibility(trial, result.accuracy, self.study.target)
@@ -97,19 +177,36 @@ class Objective:
         }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        self._store(trial, model, score, result.accuracy, plan)
         return score.score
 
-    def compress(
-        self, model: nn.Module, plan: TrialPlan, on_epoch: Callable[[EpochStats], None]
-    ) -> nn.Module:
-        """Filter pruning, then magnitude pruning, then fine-tuning with the masks fixed."""
-        if any(plan.filters.values()):
-            model = FILTER_PRUNERS[self.study.compression.structured](model, plan.filters, self)
-        if plan.sparsity:
-            prune_layers_(model, plan.sparsity)
-        budget = self.study.budget
-        if budget.finetune_epochs:
-            tune = replace(plan.train, epochs=budget.finetune_epochs, lr=budget.finetune_lr, warmup=0.0)
-            train(model, self.data, tune, on_epoch=on_epoch)
-        make_permanent_(model)
-        return model
+    def _store(self, trial: optuna.Trial, model: nn.Module, score: Score, accuracy: float, plan: TrialPlan) -> None:
+        feasible = "feasible" if accuracy >= self.study.target else "infeasible"
+        params = "\n".join(
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in trial.params.items()
+        )
+        _note(
+            trial,
+            f"## Trial {trial.number}: score {score.score:.5f}, validation accuracy {accuracy:.2%} "
+            f"({feasible} for target {self.study.target:.0%})\n\n"
+            f"| parameter | value |\n|---|---|\n{params}\n\n### Score breakdown\n\n{score_table(score.to_dict())}\n",
+        )
+        if self.artifacts is None:
+            return
+        meta = {
+            "study": self.study.name,
+            "trial": trial.number,
+            "val_acc": accuracy,
+            "passes": score.passes,
+            "rule": score.rule,
+            "score": score.score,
+            "config": plan.to_dict(),
+            "version": code_version(),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"trial-{trial.number}.pt"
+            save_model(path, model.cpu(), meta)
+            trial.set_user_attr(
+                "artifact_id",
+                upload_artifact(artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial),
+            )

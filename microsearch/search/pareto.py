@@ -16,9 +16,7 @@ def _describe(trial: optuna.trial.FrozenTrial) -> str:
         f"(params {a['param_term']:.4f} + ops {a['ops_term']:.4f})"
         f"<br>val {a['val_acc']:.2%}, {a['params']:,} params, {a['nonzero_params']:,} nonzero"
     )
-    params = ", ".join(
-        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()
-    )
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
     wrapped = "<br>".join(params[i : i + 90] for i in range(0, len(params), 90))
     return f"{head}<br>{wrapped}"
 

@@ -19,9 +19,7 @@ def is_feasible(trial: FrozenTrial) -> bool:
 
 
 class TargetPruner(BasePruner):
-    def __init__(
-        self, target: float, margin: float = 0.05, warmup_steps: int = 2, min_feasible: int = 1
-    ) -> None:
+    def __init__(self, target: float, margin: float = 0.05, warmup_steps: int = 2, min_feasible: int = 1) -> None:
         self.target = target
         self.margin = margin
         self.warmup_steps = warmup_steps

@@ -1,5 +1,6 @@
 """Workers: each runs trials of one named study on a shared storage until its budget is spent."""
 
+import importlib.util
 import math
 import time
 import warnings
@@ -7,10 +8,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import optuna
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
 from microsearch.evaluation.data import load_data
 from microsearch.evaluation.train import TrainingDiverged
+from microsearch.search import describe
 from microsearch.search.objective import Objective
 from microsearch.search.pruner import TargetPruner, is_feasible
 from microsearch.search.space import starting_points
@@ -24,9 +27,7 @@ _DEFINING = ("target", "rule", "data", "space", "compression")
 def _definition(study: StudyConfig) -> dict:
     d = asdict(study)
     defining = {k: d[k] for k in _DEFINING}
-    defining["budget"] = {
-        k: d["budget"][k] for k in ("epochs", "finetune_epochs", "finetune_lr", "batch_size", "tta")
-    }
+    defining["budget"] = {k: d["budget"][k] for k in ("epochs", "finetune_epochs", "finetune_lr", "batch_size", "tta")}
     return _jsonable(defining)
 
 
@@ -38,6 +39,11 @@ def _jsonable(value):  # tuples become lists, as they come back from the storage
     return value
 
 
+def artifact_store(study: StudyConfig) -> FileSystemArtifactStore:
+    study.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(study.artifacts_dir))
+
+
 def open_study(study: StudyConfig, storage_url: str | None = None, worker: int = 0) -> optuna.Study:
     """Create the study on its storage (or load it), enqueue starting points once."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # workers print their own progress
@@ -47,9 +53,7 @@ def open_study(study: StudyConfig, storage_url: str | None = None, worker: int =
         sampler = optuna.samplers.TPESampler(
             seed=study.seed + worker, multivariate=True, group=True, constant_liar=True
         )
-    pruner = TargetPruner(
-        study.target, study.pruner.margin, study.pruner.warmup_epochs, study.pruner.min_feasible
-    )
+    pruner = TargetPruner(study.target, study.pruner.margin, study.pruner.warmup_epochs, study.pruner.min_feasible)
     optuna_study = optuna.create_study(
         study_name=study.name,
         storage=storage,
@@ -63,6 +67,7 @@ def open_study(study: StudyConfig, storage_url: str | None = None, worker: int =
     if stored is None:
         optuna_study.set_user_attr("definition", definition)
         optuna_study.set_user_attr("study_file", str(study.path))
+        _describe_for_dashboard(optuna_study, study)
         for point in [*starting_points(study), *study.enqueue]:
             optuna_study.enqueue_trial(point, skip_if_exists=True)
     elif stored != definition:
@@ -72,6 +77,16 @@ def open_study(study: StudyConfig, storage_url: str | None = None, worker: int =
             f"(differs in: {', '.join(differ)}); use another study name or storage"
         )
     return optuna_study
+
+
+def _describe_for_dashboard(optuna_study: optuna.Study, study: StudyConfig) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna_study.set_metric_names(["score"])
+    if importlib.util.find_spec("optuna_dashboard"):  # optional where only the search runs
+        from optuna_dashboard import save_note
+
+        save_note(optuna_study, describe.markdown(study))
 
 
 def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -113,7 +128,7 @@ def run_worker(
         )
 
     optuna_study.optimize(
-        Objective(study, data, log, tag),
+        Objective(study, data, log, tag, artifacts=artifact_store(study)),
         n_trials=n_trials,
         timeout=timeout,
         callbacks=[after_trial],

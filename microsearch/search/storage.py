@@ -25,9 +25,7 @@ def _redact(url: str) -> str:
     return url
 
 
-def open_storage(
-    url: str, heartbeat: int = 60, grace: int = 180, max_retry: int = 3
-) -> optuna.storages.BaseStorage:
+def open_storage(url: str, heartbeat: int = 60, grace: int = 180, max_retry: int = 3) -> optuna.storages.BaseStorage:
     """Open (creating if needed) the storage at ``url`` and check that it answers.
 
     Example: ``open_storage("journal:studies/run.log")`` or ``open_storage("postgresql+psycopg://...")``.

@@ -130,6 +130,7 @@ class StudyConfig:
     target: float = 0.90  # validation accuracy a trial needs to be feasible
     rule: str = "lab4"
     storage: str | None = None  # None: sqlite:///<study folder>/<name>.db
+    artifacts: str | None = None  # folder for trial model files; None: <study folder>/<name>-artifacts
     seed: int = 0  # sampler seed (worker i uses seed + i) and data split seed
     device: str = "auto"
     heartbeat: int = 60  # seconds between heartbeats (RDB storages)
@@ -149,6 +150,10 @@ class StudyConfig:
         if self.heartbeat < 1 or self.grace <= self.heartbeat:
             raise ValueError(f"need heartbeat >= 1 and grace > heartbeat, got {self.heartbeat}, {self.grace}")
         resolve_device(self.device)
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return Path(self.artifacts).expanduser() if self.artifacts else self.path.parent / f"{self.name}-artifacts"
 
     @property
     def storage_url(self) -> str:
@@ -193,9 +198,7 @@ def _build(cls: type, table: dict[str, Any], where: str, **extra: Any):
     known = {f.name: f for f in fields(cls)}
     for key in table:
         if key not in known or key in extra:
-            raise StudyError(
-                f"unknown key {where}.{key}; known keys: {', '.join(sorted(set(known) - set(extra)))}"
-            )
+            raise StudyError(f"unknown key {where}.{key}; known keys: {', '.join(sorted(set(known) - set(extra)))}")
     values = {}
     for key, value in table.items():
         f = known[key]
@@ -234,9 +237,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     try:
         unknown = sorted(set(tables) - {"study", "enqueue", *_SECTIONS})
         if unknown:
-            raise StudyError(
-                f"unknown table [{unknown[0]}]; known: [study], {', '.join(_SECTIONS)}, [[enqueue]]"
-            )
+            raise StudyError(f"unknown table [{unknown[0]}]; known: [study], {', '.join(_SECTIONS)}, [[enqueue]]")
         study = dict(tables.get("study", {}))
         if "name" not in study:
             study["name"] = path.stem

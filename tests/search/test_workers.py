@@ -68,14 +68,10 @@ def test_a_killed_workers_trial_is_marked_failed_and_retried(tiny_study, tmp_pat
     while not running and time.time() < deadline and victim.poll() is None:
         time.sleep(0.2)
         try:
-            running = optuna.load_study(study_name=study.name, storage=storage).get_trials(
-                states=(TrialState.RUNNING,)
-            )
+            running = optuna.load_study(study_name=study.name, storage=storage).get_trials(states=(TrialState.RUNNING,))
         except KeyError:  # the study is not created yet
             continue
-    assert running, (
-        f"the worker never started a trial: {victim.stderr.read() if victim.poll() is not None else ''}"
-    )
+    assert running, f"the worker never started a trial: {victim.stderr.read() if victim.poll() is not None else ''}"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     time.sleep(study.grace + 1)  # no heartbeat for longer than the grace period

@@ -1,0 +1,58 @@
+"""The methodology of a study in words and tables: the dashboard note and the report share it."""
+
+from microsearch.search.study import StudyConfig
+
+
+def goal(study: StudyConfig) -> str:
+    d = study.data
+    return (
+        f"Minimise the audited compression score (rule {study.rule}) subject to validation accuracy >= "
+        f"{study.target:.0%} on {d.source}, with {d.val_size:,} training images held out for validation "
+        f"(seed {d.seed}). The test split is used only by the final evaluation of a retrained model."
+    )
+
+
+def space_rows(study: StudyConfig) -> list[tuple[str, str]]:
+    sp, c = study.space, study.compression
+    unit = "stage" if sp.granularity == "stage" else "residual block"
+
+    def fmt(v) -> str:
+        return str(list(v)) if isinstance(v, tuple) else str(v)
+
+    rows = [
+        ("width: first-stage channels (log scale)", sp.width),
+        ("blocks per stage", sp.depth),
+        ("stage channel multipliers (fixed)", sp.multipliers),
+        ("block type", sp.blocks),
+        (f"filters removed per {unit} ({c.structured})", sp.structured),
+        (f"weights zeroed per {unit} (layer-wise L1, {c.unstructured})", sp.unstructured),
+        (f"weight bits per {unit}", sp.weight_bits),
+        (f"activation bits per {unit}", sp.act_bits),
+        ("first and last layer bits (fixed)", sp.first_last_bits),
+        ("peak learning rate (log scale)", sp.lr),
+        ("weight decay (log scale)", sp.weight_decay),
+        ("cutout square side, px", sp.cutout),
+        ("mixup alpha", sp.mixup),
+        ("label smoothing", sp.label_smoothing),
+    ]
+    return [(name, fmt(value)) for name, value in rows]
+
+
+def recipe(study: StudyConfig) -> str:
+    b, c, p = study.budget, study.compression, study.pruner
+    return (
+        f"Each trial builds a CIFAR ResNet with quantization-aware layers (LSQ step sizes, straight-through "
+        f"estimator; biases and BatchNorm at 16 bits) and trains it for {b.epochs} epochs: SGD with Nesterov "
+        f"momentum, one-cycle learning rate, batch {b.batch_size}, random crop (padding 4) and horizontal flip, "
+        f"plus the sampled cutout, mixup and label smoothing. It then removes filters ({c.structured}), zeroes "
+        f"the smallest weights per layer ({c.unstructured}), fine-tunes {b.finetune_epochs} epochs at learning "
+        f"rate {b.finetune_lr} with the masks fixed, and is audited layer by layer. Trials report validation "
+        f"error every epoch; a target-aware pruner stops a trial whose accuracy falls more than {p.margin} "
+        f"below every feasible learning curve scaled to the target (after {p.warmup_epochs} warm-up epochs). "
+        f"TPE (multivariate, grouped, constant liar) samples the space; a ResNet-20 at 4 bits is enqueued first."
+    )
+
+
+def markdown(study: StudyConfig) -> str:
+    table = "\n".join(f"| {name} | {value} |" for name, value in space_rows(study))
+    return f"## Study {study.name}\n\n{goal(study)}\n\n| parameter | range |\n|---|---|\n{table}\n\n{recipe(study)}\n"

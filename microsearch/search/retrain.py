@@ -1,0 +1,126 @@
+"""Retrain a trial into a final model: the exact configuration, all training images, one test."""
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+from optuna.trial import FixedTrial
+
+from microsearch import code_version
+from microsearch.checkpoint import save_model
+from microsearch.evaluation import audit
+from microsearch.evaluation.data import DataError, load_data
+from microsearch.evaluation.train import EpochStats, device_name, evaluate, resolve_device
+from microsearch.search.objective import score_table, train_and_compress
+from microsearch.search.run import best_feasible, open_study
+from microsearch.search.space import MODEL, suggest
+from microsearch.search.study import StudyConfig, StudyError
+
+
+def pick_trial(study: optuna.Study, which: str) -> optuna.trial.FrozenTrial:
+    """``best`` (the best feasible trial) or a trial number."""
+    if which == "best":
+        best = best_feasible(study)
+        if best is None:
+            raise StudyError(f"study {study.study_name!r} has no feasible trial yet; pick one with --trial N")
+        return best
+    try:
+        number = int(which)
+    except ValueError:
+        raise StudyError(f"--trial must be 'best' or a trial number, got {which!r}") from None
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials or not trials[number].params:
+        raise StudyError(f"study {study.study_name!r} has no trial {number} with parameters")
+    return trials[number]
+
+
+def retrain(
+    study: StudyConfig,
+    out: str | Path,
+    storage_url: str | None = None,
+    which: str = "best",
+    epochs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Rebuild a trial's plan, train it on train + validation images, compress it, test it once,
+    and write ``out/model.pt``, ``out/model_card.json`` and ``out/model_card.md``."""
+    start = time.perf_counter()
+    trial = pick_trial(open_study(study, storage_url), which)
+    data = load_data(replace(study.data, val_size=0))  # model selection is over: use every image
+    if data.test is None:
+        raise DataError(f"{study.data.source} has no test split to evaluate the final model on")
+    plan = suggest(FixedTrial(trial.params), study)
+    if epochs is not None:
+        if epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {epochs}")
+        plan = replace(plan, train=replace(plan.train, epochs=epochs))
+    device = resolve_device(plan.train.device)
+    total = plan.train.epochs + study.budget.finetune_epochs
+
+    def progress(offset: int) -> Callable[[EpochStats], None]:
+        def show(s: EpochStats) -> None:
+            done = s.epoch + offset
+            log(
+                f"[retrain trial {trial.number}] epoch {done}/{total}  loss {s.train_loss:.3f}  "
+                f"train {s.train_acc:.1%}  {s.seconds:.0f}s"
+            )
+
+        return show
+
+    log(f"retraining trial {trial.number} on {len(data.train)} images for {total} epochs")
+    model = train_and_compress(plan, study, data, progress(0), progress(plan.train.epochs))
+    result = evaluate(model, data.test, device, plan.train.tta)
+    score = audit(model, rule=study.rule, passes=result.passes)
+    card = {
+        "study": study.name,
+        "trial": trial.number,
+        "search": {"val_acc": trial.user_attrs.get("val_acc"), "score": trial.value},
+        "model": {
+            "name": MODEL,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(model.config).items()},
+        },
+        "plan": plan.to_dict(),
+        "hyperparameters": trial.params,
+        "data": {"source": study.data.source, "train_images": len(data.train), "test_images": len(data.test)},
+        "test_acc": result.accuracy,
+        "passes": result.passes,
+        "rule": score.rule,
+        "audit": score.to_dict(),
+        "seconds": time.perf_counter() - start,
+        "device": device_name(device),
+        "version": code_version(),
+        "command": " ".join(["microsearch", *sys.argv[1:]]),
+    }
+    out = Path(out)
+    save_model(out / "model.pt", model.cpu(), {k: v for k, v in card.items() if k != "audit"})
+    (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "model_card.md").write_text(model_card_markdown(card))
+    return card
+
+
+def model_card_markdown(card: dict) -> str:
+    a = card["audit"]
+    hp = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in card["hyperparameters"].items()
+    )
+    return (
+        f"# Model card: {card['study']} trial {card['trial']}\n\n"
+        f"| | |\n|---|---|\n"
+        f"| test accuracy | {card['test_acc']:.2%} ({card['data']['test_images']:,} test images, "
+        f"{card['passes']} pass(es)) |\n"
+        f"| score ({card['rule']}) | {a['score']:.5f} = params {a['param_term']:.5f} + ops {a['ops_term']:.5f} |\n"
+        f"| parameters | {a['raw_params']:,} ({a['nonzero_params']:,} nonzero) |\n"
+        f"| operations | {a['raw_ops']:,} |\n"
+        f"| trained on | {card['data']['source']}, {card['data']['train_images']:,} images |\n"
+        f"| search | validation {card['search']['val_acc']:.2%}, score {card['search']['score']:.5f} |\n"
+        f"| device, time | {card['device']}, {card['seconds']:.0f} s |\n"
+        f"| version | {card['version']} |\n"
+        f"| command | `{card['command']}` |\n\n"
+        f"## Hyperparameters\n\n| parameter | value |\n|---|---|\n{hp}\n\n"
+        f"## Per-layer audit\n\n{score_table(a)}\n\n"
+        f"`microsearch score model.pt --json` recomputes every number above from the model file.\n"
+    )
