@@ -47,3 +47,16 @@ def tiny_study(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def searched(tmp_path_factory):
+    """A finished tiny study (3 trials, a low target so some are feasible): its file and config."""
+    from microsearch.cli import main
+    from microsearch.search import load_study
+
+    folder = tmp_path_factory.mktemp("searched")
+    path = folder / "done.toml"
+    path.write_text(TINY.format(name="done", target=0.15, images=400, epochs=2))
+    assert main(["search", str(path), "--n-trials", "3"]) == 0
+    return path, load_study(path)

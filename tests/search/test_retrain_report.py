@@ -1,0 +1,111 @@
+import json
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from microsearch.checkpoint import load_model
+from microsearch.cli import main
+from microsearch.search import open_study
+
+
+def _trials(study):
+    return optuna.load_study(study_name=study.name, storage=study.storage_url).get_trials()
+
+
+def test_completed_trials_carry_feasibility_notes_and_model_files(searched):
+    from optuna_dashboard import get_note
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    _, study = searched
+    optuna_study = optuna.load_study(study_name=study.name, storage=study.storage_url)
+    done = [t for t in optuna_study.get_trials() if t.state == TrialState.COMPLETE]
+    assert done
+    for t in done:
+        gap = study.target - t.user_attrs["val_acc"]
+        assert t.constraints == {"0": gap, "accuracy": gap}  # Optuna 5 key and the dashboard's list
+        assert (study.artifacts_dir / t.user_attrs["artifact_id"]).is_file()
+        note = get_note_from_system_attrs(
+            optuna_study._storage.get_study_system_attrs(optuna_study._study_id), t._trial_id
+        )["body"]
+        assert f"Trial {t.number}: score {t.value:.5f}" in note and "| stem.0 | QuantConv2d |" in note
+        _, meta = load_model(study.artifacts_dir / t.user_attrs["artifact_id"])
+        assert meta["trial"] == t.number and meta["score"] == pytest.approx(t.value)
+    note = get_note(optuna_study)
+    assert "Minimise the audited compression score" in note
+    assert f"Best feasible trial so far: {optuna_study.best_trial.number}**" in note
+    assert optuna_study.metric_names == ["score"]
+
+
+def test_retrain_writes_model_and_card_that_rescore_identically(searched, tmp_path, capsys):
+    path, study = searched
+    out = tmp_path / "final"
+    assert main(["retrain", str(path), "--trial", "best", "--epochs", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "model_card.json", "model_card.md"]
+    card = json.loads((out / "model_card.json").read_text())
+    best = open_study(study).best_trial
+    assert card["trial"] == best.number and card["hyperparameters"] == best.params
+    assert card["data"]["train_images"] == 400 and card["data"]["test_images"] == 80  # train + val, then test
+    assert 0 <= card["test_acc"] <= 1 and card["plan"]["train"]["epochs"] == 1
+    assert {"seconds", "device", "version", "command"} <= set(card)
+    torch.load(out / "model.pt", weights_only=True)
+    capsys.readouterr()
+    assert main(["score", str(out / "model.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == card["audit"]
+    md = (out / "model_card.md").read_text()
+    assert f"{card['test_acc']:.2%}" in md and "stages.0.0.conv1.0" in md
+
+
+def test_retrain_rejects_unknown_trials_and_missing_test_splits(searched, tmp_path, capsys):
+    path, _ = searched
+    assert main(["retrain", str(path), "--trial", "99", "--out", str(tmp_path)]) == 2
+    assert "has no trial 99" in capsys.readouterr().err
+    assert main(["retrain", str(path), "--trial", "first", "--out", str(tmp_path)]) == 2
+    assert "--trial must be 'best' or a trial number" in capsys.readouterr().err
+
+
+def test_report_has_methodology_trials_plot_card_and_sweeps(searched, tmp_path, capsys):
+    path, study = searched
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    rows = [
+        {
+            "method": "global",
+            "ratio": 0.5,
+            "val_acc": 0.4,
+            "score": 0.01,
+            "params": 10,
+            "nonzero_params": 5,
+            "sparsity": 0.5,
+            "finetune_epochs": 0,
+        }
+    ]
+    (sweeps / "sweep.json").write_text(json.dumps(rows))
+    assert main(["retrain", str(path), "--epochs", "1", "--out", str(tmp_path / "final")]) == 0
+    out = tmp_path / "report"
+    assert (
+        main(["report", str(path), "--out", str(out), "--sweeps", str(sweeps), "--model", str(tmp_path / "final")]) == 0
+    )
+    page = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    trials = _trials(study)
+    for text in ("Methodology", "Accuracy vs score", "Pruning sweeps", "Final model (trial", "plotly"):
+        assert text in page
+    assert page.count("<tr>") >= len(trials) + 1
+    for t in trials:
+        assert f"| {t.number} | {t.state.name.lower()} |" in md
+    assert "| width: first-stage channels (log scale) | [2, 4] |" in md
+    capsys.readouterr()
+    assert main(["report", str(path), "--out", str(out), "--model", str(tmp_path / "nothing")]) == 2
+    assert "no model_card.json in" in capsys.readouterr().err
+
+
+def test_pareto_command_writes_the_figure_and_stores_it(searched, tmp_path):
+    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+    path, study = searched
+    assert main(["pareto", str(path), "--out", str(tmp_path / "p.html")]) == 0
+    assert "target 15%" in (tmp_path / "p.html").read_text()
+    optuna_study = optuna.load_study(study_name=study.name, storage=study.storage_url)
+    assert len(get_plotly_graph_objects(optuna_study._storage.get_study_system_attrs(optuna_study._study_id))) == 1
