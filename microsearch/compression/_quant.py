@@ -101,6 +101,7 @@ class Quantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed", torch.tensor(True if signed is None else signed))
         self._decide_sign = signed is None
+        self._levels: tuple[int, int] | None = None  # cached on the host: no device sync per step
 
     def levels(self) -> tuple[int, int]:
         if bool(self.signed):
@@ -114,9 +115,11 @@ class Quantizer(nn.Module):
             return x + (x.half().to(x.dtype) - x).detach()
         if self.bits == 1:
             return _SignSTE.apply(x)
-        if not bool(self.initialized):
-            self._initialize(x.detach())
-        lo, hi = self.levels()
+        if self._levels is None:
+            if not bool(self.initialized):
+                self._initialize(x.detach())
+            self._levels = self.levels()
+        lo, hi = self._levels
         step = _scale_grad(self.scale.abs() + 1e-8, 1.0 / math.sqrt(x.numel() * hi))
         return _RoundSTE.apply(torch.clamp(x / step, lo, hi)) * step
 
@@ -127,6 +130,10 @@ class Quantizer(nn.Module):
         hi = self.levels()[1]
         self.scale.copy_(2 * x.abs().mean() / math.sqrt(hi) + 1e-8)
         self.initialized.fill_(True)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._levels = None  # the loaded buffers decide again
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

@@ -104,3 +104,14 @@ def test_quantization_aware_training_lowers_the_loss():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_loading_a_state_dict_replaces_cached_levels():
+    calibrated = Quantizer(4, signed=None)
+    calibrated(torch.rand(64))  # non-negative: unsigned levels 0..15
+    other = Quantizer(4, signed=None)
+    other(-torch.rand(64))  # negative: signed levels, cached on the host
+    other.load_state_dict(calibrated.state_dict())
+    x = torch.rand(64) * 3
+    assert torch.equal(other(x), calibrated(x))
+    assert other(x).min() >= 0
