@@ -135,8 +135,10 @@ class Objective:
     ) -> None:
         self.study, self.data, self.log, self.tag, self.artifacts = study, data, log, tag, artifacts
         self.device = resolve_device(study.device)
+        self.current: int | None = None  # number of the trial being run, for an interrupted worker
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.current = trial.number
         start = time.perf_counter()
         plan = suggest(trial, self.study)
         trial.set_user_attr("config", plan.to_dict())

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from microsearch.evaluation.data import load_data
@@ -145,15 +146,32 @@ def run_worker(
             f"{elapsed:.0f}s, about {left:.0f}s left"
         )
 
-    optuna_study.optimize(
-        Objective(study, data, log, tag, artifacts=artifact_store(study)),
-        n_trials=n_trials,
-        timeout=timeout,
-        callbacks=[after_trial],
-        catch=(TrainingDiverged,),
-        gc_after_trial=True,
-    )
+    objective = Objective(study, data, log, tag, artifacts=artifact_store(study))
+    try:
+        optuna_study.optimize(
+            objective,
+            n_trials=n_trials,
+            timeout=timeout,
+            callbacks=[after_trial],
+            catch=(TrainingDiverged,),
+            gc_after_trial=True,
+        )
+    except KeyboardInterrupt:
+        if objective.current is not None:
+            requeue_interrupted(optuna_study, objective.current)
+        raise
     return optuna_study
+
+
+def requeue_interrupted(optuna_study: optuna.Study, number: int) -> None:
+    """Mark an interrupted trial failed (if Optuna could not) and queue it again, so that a
+    restarted worker runs it with the same parameters."""
+    trial = next(t for t in optuna_study.get_trials(deepcopy=False) if t.number == number)
+    if trial.state == TrialState.RUNNING:
+        optuna_study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        trial = optuna_study._storage.get_trial(trial._trial_id)
+    if trial.state == TrialState.FAIL:
+        RetryHeartbeatStaleTrialCallback()(optuna_study, trial)
 
 
 def _outcome(trial: optuna.trial.FrozenTrial) -> str:

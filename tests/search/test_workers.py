@@ -106,3 +106,35 @@ def test_a_changed_definition_is_refused_on_the_same_storage(tiny_study, tmp_pat
     assert main(["search", str(path), "--storage", url, "--n-trials", "1"]) == 0
     assert main(["search", str(path), "--storage", url, "--n-trials", "1", "--set", "target=0.5"]) == 2
     assert "created from a different definition (differs in: target)" in capsys.readouterr().err
+
+
+def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path):
+    path = tiny_study(images=3000, epochs=20)  # trials long enough to be interrupted
+    study = load_study(path)
+    url = f"sqlite:///{tmp_path / 'stop.db'}"
+    cmd = [sys.executable, "-m", "microsearch", "launch", str(path), "--workers", "2", "--storage", url]
+    launcher = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    storage = open_storage(url, study.heartbeat, study.grace)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            running = optuna.load_study(study_name=study.name, storage=storage).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:
+            continue
+        if len([t for t in running if t.intermediate_values]) == 2:  # both inside their first epochs
+            break
+    assert len(running) == 2, "both workers should be training"
+    launcher.send_signal(signal.SIGINT)  # the launcher alone: it must pass the interrupt on
+    assert launcher.wait(timeout=60) == 130, launcher.stderr.read()
+    with pytest.raises(ProcessLookupError):  # no worker left in the launcher's process group
+        os.killpg(launcher.pid, 0)
+    trials = optuna.load_study(study_name=study.name, storage=storage).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    queued = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(failed) == 2  # the interrupted trials are marked...
+    assert sorted(t.system_attrs["failed_trial"] for t in queued) == sorted(t.number for t in failed)
+    assert {str(t.params) for t in queued} == {str(t.params) for t in failed}  # ...and queued again
