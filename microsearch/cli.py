@@ -221,7 +221,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     study = load_study(args.study, args.set)
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
-    return launch(study, args.workers, gpus, _study_worker_args(args))
+    return launch(study, args.workers, gpus, args.storage, _study_worker_args(args))
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:

@@ -110,18 +110,17 @@ def _ops(module: nn.Module, out: torch.Tensor) -> tuple[int, int]:
 
 
 def _layer_cost(name: str, module: nn.Module, inp: torch.Tensor, out: torch.Tensor, rule: Rule) -> LayerCost:
-    weight = module.weight
-    bias = module.bias
+    weight, bias = module.weight, module.bias
+    is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
     w_bits = a_bits = b_bits = 32
     if isinstance(module, QUANT_LAYERS):
         w_bits, a_bits, b_bits = module.bits.weight, module.bits.act, module.bits.bias
     w_bits = min(w_bits, _dtype_bits(weight))
     a_bits = min(a_bits, _dtype_bits(inp))
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if is_norm:
         w_bits = a_bits = b_bits = min(w_bits, b_bits)  # norm weight and bias share the bias bits
     # Pruning zeroes conv and linear weights; biases and norm parameters are stored densely
     # (a fresh BatchNorm bias is exactly zero and still occupies memory).
-    is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
     w_nonzero = weight.numel() if is_norm else int(torch.count_nonzero(weight))
     b_count = 0 if bias is None else bias.numel()
     if bias is not None:

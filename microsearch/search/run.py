@@ -29,6 +29,7 @@ def _definition(study: StudyConfig) -> dict:
     d = asdict(study)
     defining = {k: d[k] for k in _DEFINING}
     defining["budget"] = {k: d["budget"][k] for k in ("epochs", "finetune_epochs", "finetune_lr", "batch_size", "tta")}
+    del defining["data"]["cache_dir"]  # machine-local: workers on other hosts keep their own
     return _jsonable(defining)
 
 

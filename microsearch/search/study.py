@@ -90,7 +90,7 @@ class BudgetConfig:
             raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         if self.finetune_lr <= 0:
             raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
-        if self.timeout is not None and self.timeout <= 0:
+        if self.timeout is not None and (not isinstance(self.timeout, int | float) or self.timeout <= 0):
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
 
 
@@ -143,6 +143,9 @@ class StudyConfig:
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # starting points (param values)
 
     def __post_init__(self) -> None:
+        for name in ("storage", "artifacts"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         if not 0 < self.target <= 1:
             raise ValueError(f"target must be in (0, 1], got {self.target}")
         if self.rule not in RULES:

@@ -13,17 +13,18 @@ def launch(
     study: StudyConfig,
     workers: int,
     gpus: list[str] | None = None,
+    storage: str | None = None,
     worker_args: list[str] = (),
 ) -> int:
     """Start ``workers`` ``microsearch search`` processes on the study and wait for them all.
 
     Worker i gets sampler seed ``seed + i`` and, with ``gpus``, ``CUDA_VISIBLE_DEVICES=gpus[i]``
-    (round robin). The study is created (and its starting points enqueued) once, before they start.
+    (round robin); ``worker_args`` are passed on to each. The study is created (and its starting
+    points enqueued) once, before they start.
     Returns the worst exit code.
     """
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    storage = next((worker_args[i + 1] for i, a in enumerate(worker_args) if a == "--storage"), None)
     open_study(study, storage)
     procs = []
     for i in range(workers):

@@ -106,6 +106,8 @@ def test_a_changed_definition_is_refused_on_the_same_storage(tiny_study, tmp_pat
     assert main(["search", str(path), "--storage", url, "--n-trials", "1"]) == 0
     assert main(["search", str(path), "--storage", url, "--n-trials", "1", "--set", "target=0.5"]) == 2
     assert "created from a different definition (differs in: target)" in capsys.readouterr().err
+    other_host = ["--set", f"data.cache_dir='{tmp_path / 'elsewhere'}'", "--set", "budget.trials=9"]
+    assert main(["search", str(path), "--storage", url, "--n-trials", "1", *other_host]) == 0
 
 
 def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path):
