@@ -14,7 +14,6 @@ from microsearch.compression._filters import (
     thinet_select,
 )
 from microsearch.compression._prune import (
-    CRITERIA,
     L1,
     Criterion,
     RandomCriterion,
@@ -42,7 +41,6 @@ from microsearch.compression._quant import (
 )
 
 __all__ = [
-    "CRITERIA",
     "L1",
     "QUANT_LAYERS",
     "Criterion",

@@ -40,9 +40,6 @@ class RandomCriterion(Criterion):
         return torch.rand(weight.shape, generator=self.gen).to(weight.device)
 
 
-CRITERIA: dict[str, Callable[[], Criterion]] = {"l1": L1, "random": RandomCriterion}
-
-
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The conv and linear layers of ``model``, by name, in ``model.modules()`` order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}

@@ -142,19 +142,17 @@ class Quantizer(nn.Module):
 class _QuantMixin:
     """Shared state of the quantized layers: one quantizer each for weight, input and bias."""
 
-    def _attach(self, bits: LayerBits, bias_name: str = "bias") -> None:
+    def _attach(self, bits: LayerBits) -> None:
         self.weight_quant = Quantizer(bits.weight, signed=True)
         self.act_quant = Quantizer(bits.act, signed=None)
         self.bias_quant = Quantizer(bits.bias, signed=True)
-        self._bias_name = bias_name
 
     @property
     def bits(self) -> LayerBits:
         return LayerBits(self.weight_quant.bits, self.act_quant.bits, self.bias_quant.bits)
 
     def _qbias(self) -> torch.Tensor | None:
-        bias = getattr(self, self._bias_name)
-        return None if bias is None else self.bias_quant(bias)
+        return None if self.bias is None else self.bias_quant(self.bias)
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
