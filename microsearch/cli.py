@@ -247,7 +247,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     a = card["audit"]
     print(
         f"trial {card['trial']}: test accuracy {card['test_acc']:.2%}  score {a['score']:.5f} ({card['rule']})  "
-        f"wrote {args.out}/model.pt, model_card.json, model_card.md"
+        f"wrote {Path(args.out) / 'model.pt'}, model_card.json, model_card.md"
     )
     return 0
 
