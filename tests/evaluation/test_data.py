@@ -91,3 +91,36 @@ def test_wrong_image_size_and_empty_tree(tmp_path):
 def test_validation_larger_than_the_data_is_refused():
     with pytest.raises(DataError, match="val_size 5000 leaves no training images"):
         load_data(DataConfig("synthetic:1000", val_size=5000))
+
+
+class _FakeCIFAR10:
+    """Stands in for torchvision.datasets.CIFAR10: HWC uint8 arrays and a list of labels."""
+
+    def __init__(self, root, train, download):
+        import numpy as np
+
+        n = 30 if train else 10
+        self.data = np.arange(n * 32 * 32 * 3, dtype=np.uint32).astype(np.uint8).reshape(n, 32, 32, 3)
+        self.targets = [i % 10 for i in range(n)]
+
+
+def test_cifar10_source_converts_to_chw_and_keeps_its_test_split(monkeypatch, tmp_path):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _FakeCIFAR10)
+    data = load_data(DataConfig("cifar10", val_size=5, cache_dir=str(tmp_path)))
+    assert (len(data.train), len(data.val), len(data.test)) == (25, 5, 10)
+    assert data.test.images.shape == (10, 3, 32, 32) and data.classes[0] == "airplane"
+    fake = _FakeCIFAR10(None, False, False)
+    assert torch.equal(data.test.images[3], torch.from_numpy(fake.data[3]).permute(2, 0, 1))
+
+
+def test_cifar10_download_failure_is_one_clear_error(monkeypatch, tmp_path):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match=r"cannot get CIFAR-10 into .*cifar10: <urlopen error"):
+        load_data(DataConfig("cifar10", cache_dir=str(tmp_path)))
