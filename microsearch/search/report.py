@@ -55,7 +55,7 @@ def _trials_table(study: optuna.Study) -> tuple[list[str], list[list[Any]]]:
                 a.get("seconds", ""),
             ]
         )
-    rows.sort(key=lambda r: (r[2] == "", r[2] if r[2] != "" else 0))
+    rows.sort(key=lambda r: (r[1] != "complete", r[2] if r[1] == "complete" else r[0]))  # by score, then number
     return head, rows
 
 
