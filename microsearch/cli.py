@@ -28,11 +28,17 @@ from microsearch.evaluation.sweep import (
     save_rows,
 )
 from microsearch.evaluation.train import (
+    COMPILE,
+    PRECISIONS,
+    RECIPES,
     EpochStats,
     TrainConfig,
     device_name,
     evaluate,
+    precision_name,
+    print_progress,
     resolve_device,
+    resolve_precision,
     train,
 )
 from microsearch.models import create_model, list_models
@@ -53,7 +59,8 @@ def _parse_kv(pairs: list[str], what: str) -> dict[str, Any]:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # over an updating progress line
+    print(clear + message, file=sys.stderr, flush=True)
 
 
 def _score_table(score: Score) -> str:
@@ -102,6 +109,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         tta=args.tta,
+        recipe=args.recipe,
+        precision=args.precision,
+        compile=args.compile,
         **_parse_kv(args.set, "--set"),
     )
     torch.manual_seed(args.seed)
@@ -119,9 +129,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"val {s.val_acc:.1%}  {s.images_per_second:.0f} img/s  {s.seconds:.0f}s  eta {eta:.0f}s"
         )
 
-    history = train(model, data, train_config, on_epoch=progress)
+    history = train(model, data, train_config, on_epoch=progress, on_progress=print_progress)
     device = resolve_device(train_config.device)
-    result = evaluate(model, data.val, device, train_config.tta)
+    result = evaluate(model, data.val, device, train_config.tta, train_config.precision)
     score = audit(model, rule=args.rule, passes=result.passes)
     summary = {
         "val_acc": result.accuracy,
@@ -132,6 +142,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "rule": score.rule,
         "seconds": time.perf_counter() - started,
         "device": device_name(device),
+        "precision": precision_name(resolve_precision(train_config.precision, device)),
+        "compile_seconds": sum(h.compile_seconds for h in history),
+        "images_per_second": history[-1].images_per_second,  # the last epoch: the steady state
     }
     out = Path(args.out)
     meta = {
@@ -154,6 +167,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    model, meta = load_model(args.checkpoint)
+    trained_on = meta.get("data", {})
+    # The validation split is the one the model was selected on (same size and seed).
+    val_size = trained_on.get("val_size", 5000) if args.split == "val" else 0
+    data_config = DataConfig(args.data, val_size=val_size, seed=trained_on.get("seed", 0))
+    data = load_data(data_config)
+    classes = model.config.num_classes
+    if len(data.classes) != classes:
+        raise ValueError(f"{args.data} has {len(data.classes)} classes but the model predicts {classes}")
+    split = data.test if args.split == "test" else data.val
+    if split is None:
+        raise ValueError(f"{args.data} has no test split; use --split val, or a source with test images")
+    if args.split == "val" and trained_on.get("val_size", 5000) == 0:
+        _log("warning: this model was trained on every training image, validation images included")
+    device = resolve_device(args.device)
+    result = evaluate(model, split, device, args.tta, args.precision)
+    score = audit(model.cpu(), rule=meta.get("rule", "lab4"), passes=result.passes)
+    summary = {
+        "model_file": args.checkpoint,
+        "data": args.data,
+        "split": args.split,
+        "images": result.images,
+        "accuracy": result.accuracy,
+        "passes": result.passes,
+        "rule": score.rule,
+        "score": score.score,
+        "param_term": score.param_term,
+        "ops_term": score.ops_term,
+        "precision": precision_name(resolve_precision(args.precision, device)),
+        "device": device_name(device),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"{args.split} accuracy {result.accuracy:.2%} on {result.images:,} images ({result.passes} pass(es))  "
+            f"score {score.score:.5f} = params {score.param_term:.5f} + ops {score.ops_term:.5f} ({score.rule})"
+        )
+    return 0
+
+
 def _ratios(text: str) -> list[float]:
     try:
         return [float(r) for r in text.split(",") if r.strip()]
@@ -171,11 +226,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # Hold out the very images the model was validated on, never images it was trained on.
     data_config = DataConfig(args.data, val_size=trained_on.get("val_size", 5000), seed=trained_on.get("seed", 0))
     device = resolve_device(args.device)
-    finetune = finetune_config(meta, args.finetune_epochs, args.finetune_lr, str(device))
+    finetune = finetune_config(meta, args.finetune_epochs, args.finetune_lr, str(device), args.precision)
     data = load_data(data_config)
     if trained_on.get("source", args.data) != args.data:
         _log(f"warning: the model was trained on {trained_on['source']}, sweeping on {args.data}")
-    ctx = SweepContext(data, finetune, device, tta=meta.get("passes", 1) == 2)
+    ctx = SweepContext(data, finetune, device, tta=meta.get("passes", 1) == 2, precision=args.precision)
     out = Path(args.out)
     if args.sensitivity:
         ctx.sensitive = li_sensitivity(args.checkpoint, ratios, ctx)
@@ -202,7 +257,7 @@ def _study_worker_args(args: argparse.Namespace) -> list[str]:
     ):
         if value is not None:
             out += [flag, str(value)]
-    for assignment in args.set:
+    for assignment in _study_overrides(args):
         out += ["--set", assignment]
     return out
 
@@ -210,7 +265,7 @@ def _study_worker_args(args: argparse.Namespace) -> list[str]:
 def cmd_search(args: argparse.Namespace) -> int:
     from microsearch.search import load_study, run_worker, summary
 
-    study = load_study(args.study, args.set)
+    study = load_study(args.study, _study_overrides(args))
     optuna_study = run_worker(study, args.storage, args.n_trials, args.timeout, args.worker, log=_log)
     print(summary(optuna_study, study.target))
     return 0
@@ -219,7 +274,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     from microsearch.search import launch, load_study
 
-    study = load_study(args.study, args.set)
+    study = load_study(args.study, _study_overrides(args))
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
     return launch(study, args.workers, gpus, args.storage, _study_worker_args(args))
 
@@ -227,7 +282,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_pareto(args: argparse.Namespace) -> int:
     from microsearch.search import load_study, open_study, save_pareto
 
-    study = load_study(args.study, args.set)
+    study = load_study(args.study, _study_overrides(args))
     path = save_pareto(open_study(study, args.storage), study.target, args.out)
     print(f"wrote {path} (and stored the figure in study {study.name!r} for optuna-dashboard)")
     return 0
@@ -236,18 +291,21 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from microsearch.search import load_study, serve_dashboard
 
-    serve_dashboard(load_study(args.study, args.set), args.storage, args.host, args.port, log=_log)
+    serve_dashboard(load_study(args.study, _study_overrides(args)), args.storage, args.host, args.port, log=_log)
     return 0
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from microsearch.search import load_study, retrain
+    from microsearch.search.retrain import test_accuracy
 
-    card = retrain(load_study(args.study, args.set), args.out, args.storage, args.trial, args.epochs, log=_log)
+    card = retrain(
+        load_study(args.study, _study_overrides(args)), args.out, args.storage, args.trial, args.epochs, log=_log
+    )
     a = card["audit"]
     print(
-        f"trial {card['trial']}: test accuracy {card['test_acc']:.2%}  score {a['score']:.5f} ({card['rule']})  "
-        f"wrote {Path(args.out) / 'model.pt'}, model_card.json, model_card.md"
+        f"trial {card['trial']}: test accuracy {test_accuracy(card)}\n"
+        f"score {a['score']:.5f} ({card['rule']}); wrote {Path(args.out) / 'model.pt'}, model_card.json, model_card.md"
     )
     return 0
 
@@ -255,7 +313,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from microsearch.search import load_study, open_study, write_report
 
-    study = load_study(args.study, args.set)
+    study = load_study(args.study, _study_overrides(args))
     html_path, md_path = write_report(
         study,
         open_study(study, args.storage),
@@ -265,6 +323,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
     print(f"wrote {html_path} and {md_path}")
     return 0
+
+
+def _add_speed_args(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """--precision and --compile; on study commands (default None) they override the study file."""
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default,
+        help="training precision (auto: bf16 where the hardware runs it natively, else fp32)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE,
+        default=default,
+        help="torch.compile the training step (auto: quantized models on long enough runs)",
+    )
+
+
+def _study_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set assignments, plus --precision / --compile where the command has them."""
+    speed = [f"{k}={getattr(args, k)}" for k in ("precision", "compile") if getattr(args, k, None)]
+    return [*args.set, *speed]
 
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
@@ -284,6 +364,7 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
 
 def _build_search(p: argparse.ArgumentParser) -> None:
     _add_study_args(p)
+    _add_speed_args(p, default=None)
     p.add_argument("--n-trials", type=int, help="trials for this worker (default: [budget] trials)")
     p.add_argument("--timeout", type=float, help="seconds for this worker (default: [budget] timeout)")
     p.add_argument("--worker", type=int, default=0, help="worker index: sampler seed offset, log tag")
@@ -291,6 +372,7 @@ def _build_search(p: argparse.ArgumentParser) -> None:
 
 def _build_launch(p: argparse.ArgumentParser) -> None:
     _add_study_args(p)
+    _add_speed_args(p, default=None)
     p.add_argument("--workers", type=int, required=True, help="local worker processes")
     p.add_argument("--gpus", help="comma-separated GPU ids, one worker per GPU in turn, e.g. 0,1,2,3")
     p.add_argument("--n-trials", type=int, help="trials per worker")
@@ -310,6 +392,7 @@ def _build_dashboard(p: argparse.ArgumentParser) -> None:
 
 def _build_retrain(p: argparse.ArgumentParser) -> None:
     _add_study_args(p)
+    _add_speed_args(p, default=None)
     p.add_argument("--trial", default="best", help="'best' (best feasible) or a trial number")
     p.add_argument("--epochs", type=int, help="training epochs (default: the study's per-trial budget)")
     p.add_argument("--out", required=True, help="folder for model.pt, model_card.json, model_card.md")
@@ -353,6 +436,8 @@ def _build_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
     p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (2 passes, scored)")
+    _add_speed_args(p)
+    p.add_argument("--recipe", choices=list(RECIPES), default="baseline", help="training recipe")
     p.add_argument(
         "--set",
         action="append",
@@ -366,6 +451,18 @@ def _build_train(p: argparse.ArgumentParser) -> None:
 
 Builder = Callable[[argparse.ArgumentParser], None]
 Runner = Callable[[argparse.Namespace], int]
+
+
+def _build_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a model.pt written by microsearch")
+    p.add_argument("--data", required=True, help="cifar10 | imagefolder:PATH | synthetic[:N]")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which images (default: test)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (2 passes, both scored)")
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="evaluation precision (auto: bf16 where native)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _build_sweep(p: argparse.ArgumentParser) -> None:
@@ -382,12 +479,14 @@ def _build_sweep(p: argparse.ArgumentParser) -> None:
         help="li only: run Li et al.'s per-block analysis first and skip sensitive blocks",
     )
     p.add_argument("--device", default="auto")
+    _add_speed_args(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
 
 
 COMMANDS: dict[str, tuple[str, Builder, Runner]] = {
     "score": ("audit a model's compression score layer by layer", _build_score, cmd_score),
     "train": ("train a model and save DIR/model.pt", _build_train, cmd_train),
+    "evaluate": ("accuracy of a saved model on a split, with the score of its passes", _build_evaluate, cmd_evaluate),
     "sweep": ("accuracy and score of a saved model pruned at several ratios", _build_sweep, cmd_sweep),
     "search": ("run one search worker on a study", _build_search, cmd_search),
     "launch": ("start several local search workers on a study", _build_launch, cmd_launch),

@@ -1,8 +1,13 @@
 import json
 
 import pytest
+import torch
 
+from microsearch.checkpoint import load_model
 from microsearch.cli import main
+from microsearch.evaluation import audit
+from microsearch.evaluation.data import DataConfig, load_data
+from microsearch.evaluation.train import evaluate
 
 
 def _run(capsys, *argv):
@@ -125,3 +130,63 @@ def test_bad_input_fails_with_one_line_before_training(capsys, argv, needle):
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1
     assert "epoch" not in err
+
+
+def _image_tree(root, classes: int, per_class: int, test: bool = False) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test") if test else ("train",):
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.png")
+
+
+def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "synthetic:600",
+                "--val-size",
+                "100",
+                "--model",
+                "resnet",
+                "--model-arg",
+                "width=4",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "50",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    model, _ = load_model(out / "model.pt")
+    data = load_data(DataConfig("synthetic:600", val_size=100))
+    code, text, _ = _run(capsys, "evaluate", str(out / "model.pt"), "--data", "synthetic:600", "--json")
+    result = json.loads(text)
+    assert code == 0 and result["split"] == "test" and result["images"] == len(data.test) == 120
+    assert result["accuracy"] == evaluate(model, data.test, torch.device("cpu")).accuracy
+    assert result["score"] == pytest.approx(audit(model).score)
+    code, text, _ = _run(
+        capsys, "evaluate", str(out / "model.pt"), "--data", "synthetic:600", "--split", "val", "--tta", "--json"
+    )
+    tta = json.loads(text)
+    assert tta["images"] == 100 and tta["passes"] == 2
+    assert tta["ops_term"] == pytest.approx(2 * result["ops_term"])  # both passes are scored
+    _image_tree(tmp_path / "three", classes=3, per_class=40)
+    code, _, err = _run(
+        capsys, "evaluate", str(out / "model.pt"), "--data", f"imagefolder:{tmp_path / 'three'}", "--split", "val"
+    )
+    assert code == 2 and "has 3 classes but the model predicts 10" in err
+    _image_tree(tmp_path / "ten", classes=10, per_class=11)
+    code, _, err = _run(capsys, "evaluate", str(out / "model.pt"), "--data", f"imagefolder:{tmp_path / 'ten'}")
+    assert code == 2 and "has no test split; use --split val" in err

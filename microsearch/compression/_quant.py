@@ -2,7 +2,16 @@
 straight-through estimator (STE). The audited score reads the bit-widths from these layers.
 
 Bit-widths: 32 is full precision, 16 is half precision (float16 rounding), 2..8 are uniform
-integer levels with a learned scale (LSQ, Esser et al. 2020), 1 is BinaryConnect's sign.
+integer levels with a learned step size (LSQ, Esser et al. 2020), 1 is BinaryConnect's sign.
+
+Exact in every training precision: a quantizer's math runs in float32 even under bf16 autocast,
+and a quantized conv / linear layer runs on the integer *levels* of its input and weights (exact
+in bf16 up to 8 bits: bf16 holds every integer up to 256), then rescales its output by the product
+of the two step sizes in float32. So the layer computes what the audit claims in any precision.
+
+The quantizers are chains of plain tensor operations so that ``torch.compile`` fuses them; they
+initialise their step size from the first batch they see (``calibrate_`` runs that batch eagerly,
+before a model is compiled).
 """
 
 import math
@@ -11,9 +20,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+BIAS_BITS = (8, 16, 32)
 
 
 def _check_bits(name: str, value: int, allowed: tuple[int, ...]) -> None:
@@ -32,7 +43,7 @@ class LayerBits:
     def __post_init__(self) -> None:
         _check_bits("weight bits", self.weight, WEIGHT_BITS)
         _check_bits("activation bits", self.act, ACT_BITS)
-        _check_bits("bias bits", self.bias, (8, 16, 32))
+        _check_bits("bias bits", self.bias, BIAS_BITS)
 
 
 @dataclass
@@ -54,7 +65,7 @@ class QuantConfig:
         _check_bits("weight_bits", self.weight_bits, WEIGHT_BITS)
         _check_bits("act_bits", self.act_bits, ACT_BITS)
         if self.bias_bits is not None:
-            _check_bits("bias_bits", self.bias_bits, (8, 16, 32))
+            _check_bits("bias_bits", self.bias_bits, BIAS_BITS)
         if self.first_last_bits is not None:
             _check_bits("first_last_bits", self.first_last_bits, ACT_BITS)
         for name, (w, a) in self.layer_bits.items():
@@ -62,73 +73,88 @@ class QuantConfig:
             _check_bits(f"layer_bits[{name!r}] activation", a, ACT_BITS)
 
 
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
-class _SignSTE(torch.autograd.Function):
-    """BinaryConnect: sign in the forward pass, gradient passed where |x| <= 1 (hardtanh STE)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return torch.sign(x)  # pruned (zero) weights stay zero
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
+def _ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward pass, the gradient of ``x`` in the backward pass."""
+    return x + (value - x).detach()
 
 
 def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity in the forward pass, gradient multiplied by ``factor`` (LSQ's step-size scaling)."""
-    return (x - x * factor).detach() + x * factor
+    return _ste(x * factor, x)
+
+
+def _half_rounded(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest float16 value (ties to even), in ``x``'s dtype.
+
+    Integer arithmetic on the float32 bits rather than ``x.half().float()``: ``torch.compile``
+    drops a float16 round trip inside a fused kernel, but not this.
+    """
+    f = x.float()
+    bits = f.view(torch.int32)
+    normal = ((bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)  # 10-bit mantissa
+    tiny = torch.round(f * 2.0**24) * 2.0**-24  # float16 subnormals have a fixed spacing of 2^-24
+    out = torch.where(f.abs() < 2.0**-14, tiny, normal)
+    return torch.where(out.abs() > 65504, out.sign() * torch.inf, out).to(x.dtype)
 
 
 class Quantizer(nn.Module):
-    """Fake-quantizes a tensor to ``bits``; ``signed=None`` decides from the first batch it sees."""
+    """Fake-quantizes a tensor to ``bits``; ``signed=None`` decides from the first batch it sees.
 
-    def __init__(self, bits: int, signed: bool | None = True) -> None:
+    ``per_sample``: the tensor is a batch of activations, so LSQ's gradient scale
+    ``1 / sqrt(N * Q_P)`` counts the elements of one sample, not of the batch.
+    """
+
+    def __init__(self, bits: int, signed: bool | None = True, per_sample: bool = False) -> None:
         super().__init__()
         self.bits = bits
+        self.per_sample = per_sample
         self.scale = nn.Parameter(torch.ones(())) if 2 <= bits <= 8 else None
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed", torch.tensor(True if signed is None else signed))
         self._decide_sign = signed is None
         self._levels: tuple[int, int] | None = None  # cached on the host: no device sync per step
+        self.enabled = True  # off: the identity (a training recipe may start in float)
 
     def levels(self) -> tuple[int, int]:
         if bool(self.signed):
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return 0, 2**self.bits - 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits == 32:
-            return x
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(levels, step)`` with ``levels * step`` the quantized ``x``; ``step`` is None where the
+        levels are the values themselves (32, 16 and 1 bit). Levels of 2-8 bits are integers in
+        float32; their gradients are LSQ's (STE through the rounding, clipped outside the range)."""
+        if self.bits == 32 or not self.enabled:
+            return x, None
         if self.bits == 16:
-            return x + (x.half().to(x.dtype) - x).detach()
-        if self.bits == 1:
-            return _SignSTE.apply(x)
+            # bf16 and float16 are 16-bit already. Compiled training skips rounding 16-bit
+            # parameters (at most 2^-11 relative): the compiler would redo it for every element
+            # of the layer's output. Evaluation and the audit run eagerly and round exactly.
+            skip = x.element_size() == 2 or (not self.per_sample and torch.compiler.is_compiling())
+            return (x if skip else _ste(x, _half_rounded(x))), None
+        if self.bits == 1:  # BinaryConnect: sign, gradient passed where |x| <= 1 (hardtanh STE)
+            clipped = x.clamp(-1, 1)
+            return _ste(clipped, torch.sign(clipped)), None
         if self._levels is None:
             if not bool(self.initialized):
                 self._initialize(x.detach())
             self._levels = self.levels()
         lo, hi = self._levels
-        step = _scale_grad(self.scale.abs() + 1e-8, 1.0 / math.sqrt(x.numel() * hi))
-        return _RoundSTE.apply(torch.clamp(x / step, lo, hi)) * step
+        n = x[0].numel() if self.per_sample else x.numel()
+        step = _scale_grad(self.scale.abs() + 1e-8, 1.0 / math.sqrt(n * hi))
+        scaled = torch.clamp(x.float() / step, lo, hi)
+        return _ste(scaled, torch.round(scaled)), step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels, step = self.split(x)
+        return levels if step is None else levels * step
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
         if self._decide_sign:
             self.signed.fill_(bool((x < 0).any()))
         hi = self.levels()[1]
-        self.scale.copy_(2 * x.abs().mean() / math.sqrt(hi) + 1e-8)
+        self.scale.copy_(2 * x.float().abs().mean() / math.sqrt(hi) + 1e-8)
         self.initialized.fill_(True)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -144,43 +170,116 @@ class _QuantMixin:
 
     def _attach(self, bits: LayerBits) -> None:
         self.weight_quant = Quantizer(bits.weight, signed=True)
-        self.act_quant = Quantizer(bits.act, signed=None)
+        self.act_quant = Quantizer(bits.act, signed=None, per_sample=True)
         self.bias_quant = Quantizer(bits.bias, signed=True)
 
     @property
     def bits(self) -> LayerBits:
         return LayerBits(self.weight_quant.bits, self.act_quant.bits, self.bias_quant.bits)
 
+    @property
+    def stored_scales(self) -> int:
+        """Learned step sizes stored with the layer (one float32 each)."""
+        quantizers = (self.weight_quant, self.act_quant, self.bias_quant)
+        return sum(q.scale.numel() for q in quantizers if q.scale is not None)
+
     def _qbias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias_quant(self.bias)
 
+    def _on_levels(self, x: torch.Tensor, op) -> torch.Tensor:
+        """``op(input levels, weight levels)`` rescaled by the product of the step sizes in float32."""
+        x_levels, x_step = self.act_quant.split(x)
+        w_levels, w_step = self.weight_quant.split(self.weight)
+        if x_levels.ndim == 4:  # an explicit layout: oneDNN's conv backward crashed on the ambiguous
+            # strides the elementwise chain can leave (1x1 kernels, batch 25); a no-op when already so
+            x_levels = x_levels.contiguous(memory_format=torch.channels_last)
+            w_levels = w_levels.contiguous(memory_format=torch.channels_last)
+        out = op(x_levels, w_levels)
+        steps = [s for s in (x_step, w_step) if s is not None]
+        if steps:  # back in the compute dtype: bf16 holds the product as exactly as the conv's output
+            out = (out.float() * math.prod(steps)).to(out.dtype)
+        bias = self._qbias()
+        if bias is None:
+            return out
+        return out + (bias.view(1, -1, 1, 1) if out.ndim == 4 else bias)
+
+
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give ``new`` the parameters and buffers of ``old`` (the same tensors, not copies)."""
+    for name, p in old.named_parameters(recurse=False):
+        setattr(new, name, p)
+    for name, b in old.named_buffers(recurse=False):
+        setattr(new, name, b)
+    return new.to(old.weight.device)
+
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
+    def __init__(self, *args, bits: LayerBits = LayerBits(), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._attach(bits)
+
+    @classmethod
+    def from_float(cls, m: nn.Conv2d, bits: LayerBits) -> "QuantConv2d":
+        new = cls(
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups,
+            m.bias is not None,
+            m.padding_mode,
+            bits=bits,
+        )
+        return _adopt(new, m)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self._qbias())
+        return self._on_levels(x, lambda xl, wl: self._conv_forward(xl, wl, None))
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
+    def __init__(self, *args, bits: LayerBits = LayerBits(), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._attach(bits)
+
+    @classmethod
+    def from_float(cls, m: nn.Linear, bits: LayerBits) -> "QuantLinear":
+        return _adopt(cls(m.in_features, m.out_features, m.bias is not None, bits=bits), m)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act_quant(x), self.weight_quant(self.weight), self._qbias())
+        return self._on_levels(x, F.linear)
 
 
 class QuantBatchNorm2d(_QuantMixin, nn.BatchNorm2d):
     """BatchNorm with quantized input, affine weight and bias (all at the plan's bias bits)."""
 
+    def __init__(self, *args, bits: LayerBits = LayerBits(), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._attach(bits)
+
+    @classmethod
+    def from_float(cls, m: nn.BatchNorm2d, bits: LayerBits) -> "QuantBatchNorm2d":
+        return _adopt(cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, bits=bits), m)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # nn.BatchNorm2d.forward with quantized tensors; momentum=None is a cumulative average.
         self._check_input_dim(x)
-        use_batch = self.training or self.running_mean is None
-        if self.training and self.num_batches_tracked is not None:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        keep_stats = not self.training or self.track_running_stats
         return F.batch_norm(
             self.act_quant(x),
-            self.running_mean,
-            self.running_var,
-            self.weight_quant(self.weight),
+            self.running_mean if keep_stats else None,
+            self.running_var if keep_stats else None,
+            None if self.weight is None else self.weight_quant(self.weight),
             self._qbias(),
             use_batch,
-            self.momentum if self.momentum is not None else 0.0,
+            factor,
             self.eps,
         )
 
@@ -220,18 +319,18 @@ def quant_plan(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, int
 
 
 def apply_quant_plan_(model: nn.Module, plan: dict[str, dict[str, int]]) -> nn.Module:
-    """Swap the layers named in ``plan`` for quantized ones sharing the same parameters."""
+    """Replace the layers named in ``plan`` (through their parents) by quantized layers built
+    around the same parameters and buffers."""
     for name, bits in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = parent.get_submodule(child)
-        base = next(b for b in _QUANT_CLASSES if isinstance(old, b))
-        new = _QUANT_CLASSES[base].__new__(_QUANT_CLASSES[base])
-        new.__dict__.update(old.__dict__)  # parameters, buffers and hooks (pruning masks) carry over
-        new._modules = dict(old._modules)
-        new._attach(LayerBits(**bits))
-        new.to(next(old.parameters()).device)
-        setattr(parent, child, new)
+        if prune.is_pruned(old):
+            raise ValueError(f"layer {name} carries a pruning mask; quantize before pruning")
+        quant_class = _QUANT_CLASSES.get(type(old))
+        if quant_class is None:
+            raise ValueError(f"layer {name} is a {type(old).__name__}, which has no quantized version")
+        setattr(parent, child, quant_class.from_float(old, LayerBits(**bits)))
     return model
 
 
@@ -247,9 +346,43 @@ def current_plan(model: nn.Module) -> dict[str, dict[str, int]]:
     return {n: asdict(m.bits) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
 
 
+def learned_quantizers(model: nn.Module) -> list[Quantizer]:
+    """The quantizers with a learned step size (2-8 bits): the ones that cost training time."""
+    return [q for q in model.modules() if isinstance(q, Quantizer) and q.scale is not None]
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, x: torch.Tensor) -> None:
+    """Initialise every quantizer's step size (and sign) from one batch, eagerly; a model is
+    calibrated before ``torch.compile`` so that the compiled graph has no data-dependent branch."""
+    if any(q.enabled and q._levels is None for q in learned_quantizers(model)):
+        model(x)
+
+
+def calibrated(model: nn.Module) -> bool:
+    """True unless some learned-step quantizer has not seen a batch yet (a fresh quantized model)."""
+    return all(bool(q.initialized) for q in learned_quantizers(model))
+
+
+def set_quantization_(model: nn.Module, enabled: bool) -> None:
+    """Switch every quantizer on or off (off: the float model). Quantizers that were never
+    calibrated initialise from the first batch after they are switched on."""
+    for q in model.modules():
+        if isinstance(q, Quantizer):
+            q.enabled = enabled
+
+
 @torch.no_grad()
 def clamp_binary_weights_(model: nn.Module) -> None:
-    """BinaryConnect keeps its real-valued weights in [-1, 1]; call after each optimizer step."""
+    """BinaryConnect keeps its real-valued weights in [-1, 1]."""
     for m in model.modules():
         if isinstance(m, QUANT_LAYERS) and m.weight_quant.bits == 1:
             m.weight.clamp_(-1, 1)
+
+
+def install_training_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> list:
+    """What quantized layers need after every optimizer step (BinaryConnect's clamp); returns the
+    hook handles, which the training loop removes when it is done."""
+    if not any(isinstance(m, QUANT_LAYERS) and m.weight_quant.bits == 1 for m in model.modules()):
+        return []
+    return [optimizer.register_step_post_hook(lambda *_: clamp_binary_weights_(model))]

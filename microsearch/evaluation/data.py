@@ -8,7 +8,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,8 @@ class DataConfig:
 class Split:
     images: torch.Tensor  # uint8 (N, 3, 32, 32)
     labels: torch.Tensor  # int64 (N,)
+    # (device, dtype) -> the split normalised on that device (see ``loader.place``)
+    placed: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -126,7 +126,7 @@ def _layer_cost(name: str, module: nn.Module, inp: torch.Tensor, out: torch.Tens
     if bias is not None:
         b_bits = min(b_bits, _dtype_bits(bias))
     # Learned quantizer step sizes are stored with the model, one float32 each.
-    scales = sum(q.scale.numel() for q in module.children() if getattr(q, "scale", None) is not None)
+    scales = module.stored_scales if isinstance(module, QUANT_LAYERS) else 0
     mults, adds = _ops(module, out)
     ratio = max(w_bits, a_bits) / 32
     weighted_ops = (mults + adds) * ratio if rule.scale_adds else mults * ratio + adds

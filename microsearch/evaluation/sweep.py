@@ -44,6 +44,7 @@ class SweepContext:
     finetune: TrainConfig | None  # None: no retraining
     device: torch.device
     tta: bool
+    precision: str = "auto"  # of evaluation (retraining uses the finetune config's)
     sensitive: dict[str, dict[float, float]] | None = None  # Li et al.'s analysis, if run
 
     def retrain(self, model: nn.Module) -> None:
@@ -121,7 +122,7 @@ def run_sweep(
         model, _ = load_model(model_path, ctx.device)
         model = METHODS[method](model, ratio, ctx)
         make_permanent_(model)
-        result = evaluate(model, ctx.data.val, ctx.device, ctx.tta)
+        result = evaluate(model, ctx.data.val, ctx.device, ctx.tta, ctx.precision)
         score = audit(model, passes=result.passes)
         row = {
             "method": method,
@@ -148,7 +149,7 @@ def run_sweep(
 def li_sensitivity(model_path: str | Path, ratios: list[float], ctx: SweepContext) -> dict:
     """Li et al.'s per-block sensitivity: validation accuracy with one block pruned, no retraining."""
     model, _ = load_model(model_path, ctx.device)
-    return sensitivity(model, lambda m: evaluate(m, ctx.data.val, ctx.device, ctx.tta).accuracy, ratios)
+    return sensitivity(model, lambda m: evaluate(m, ctx.data.val, ctx.device, ctx.tta, ctx.precision).accuracy, ratios)
 
 
 def save_rows(out: str | Path, rows: list[dict]) -> list[dict]:
@@ -167,9 +168,9 @@ def save_rows(out: str | Path, rows: list[dict]) -> list[dict]:
     return merged
 
 
-def finetune_config(meta: dict, epochs: int, lr: float, device: str) -> TrainConfig | None:
+def finetune_config(meta: dict, epochs: int, lr: float, device: str, precision: str = "auto") -> TrainConfig | None:
     """The model's own training recipe (from its file), shortened for retraining after pruning."""
     if epochs <= 0:
         return None
     base = TrainConfig(**meta["train"]) if "train" in meta else TrainConfig()
-    return replace(base, epochs=epochs, lr=lr, warmup=0.0, device=device)
+    return replace(base, epochs=epochs, lr=lr, warmup=0.0, device=device, precision=precision)

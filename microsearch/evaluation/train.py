@@ -1,8 +1,18 @@
-"""One training loop: SGD (Nesterov), one-cycle or cosine learning rate, label smoothing, mixup."""
+"""One training loop: SGD (Nesterov), one-cycle or cosine learning rate, label smoothing, mixup.
 
+Every device trains at the precision its hardware runs natively (``precision="auto"``: bf16
+autocast on CUDA GPUs with bf16 and on CPUs with AVX512-BF16 or AMX, float32 elsewhere), always
+channels_last. Quantized layers stay exact in every precision (see ``compression/_quant.py``), so
+precision is a training choice, recorded with every result, not a property of the audited model.
+The step runs compiled where that pays off (``compile="auto"``, see ``COMPILE_MIN_STEPS``).
+"""
+
+import copy
 import math
 import platform
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,11 +20,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from microsearch.compression import clamp_binary_weights_
+from microsearch.compression import (
+    calibrate_,
+    calibrated,
+    install_training_hooks,
+    learned_quantizers,
+    set_quantization_,
+)
 from microsearch.evaluation.data import Dataset, Split
-from microsearch.evaluation.loader import DeviceLoader
+from microsearch.evaluation.loader import PAD_MODES, DeviceLoader
 
 SCHEDULES = ("onecycle", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")
+COMPILE = ("auto", "on", "off")
+# torch.compile fuses the quantizers' elementwise chains: on 2 CPU cores it costs ~20-50 s per
+# model and makes a 4/4-bit ResNet-20 step ~2.5x faster, while a float model runs slower compiled
+# (benchmarks/trial_speed.py). So "auto" compiles models with learned-step quantizers, for runs of
+# at least this many steps.
+COMPILE_MIN_STEPS = 300
+PROGRESS_SECONDS = 2.0  # between two ``on_progress`` calls
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training tricks that leave the audited model unchanged (fast-CIFAR-10 practice)."""
+
+    ema_halflife: float = 0.0  # epochs; validate and keep an EMA of the weights; 0 disables
+    pad_mode: str = "zeros"  # translation padding: zeros (mean colour) or reflect
+    alternate_flip: bool = False  # mirror each image in every other epoch instead of at random
+    # Fraction of the epochs trained in float before uncalibrated quantizers start (from trained
+    # weights and activations, as QAT from a float model does); fine-tuning never goes float.
+    float_warmup: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.ema_halflife < 0 or self.pad_mode not in PAD_MODES or not 0 <= self.float_warmup < 1:
+            raise ValueError(f"invalid recipe {self}")
+
+
+RECIPES: dict[str, Recipe] = {
+    "baseline": Recipe(),
+    "fast": Recipe(ema_halflife=0.5, pad_mode="reflect", alternate_flip=True, float_warmup=0.3),
+}
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,6 +84,9 @@ class TrainConfig:
     flip: bool = True
     cutout: int = 0  # cutout square side in pixels; 0 disables
     tta: bool = False  # evaluate on the image and its mirror (2 forward passes, both scored)
+    recipe: str = "baseline"  # a name in RECIPES
+    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 where the hardware runs it natively)
+    compile: str = "auto"  # auto | on | off (auto: quantized models, runs of COMPILE_MIN_STEPS steps)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -54,11 +103,14 @@ class TrainConfig:
             "mixup": self.mixup >= 0,
             "crop": self.crop >= 0,
             "cutout": 0 <= self.cutout <= 32,
+            "recipe": self.recipe in RECIPES,
+            "precision": self.precision in PRECISIONS,
+            "compile": self.compile in COMPILE,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"TrainConfig.{bad[0]} has an invalid value {getattr(self, bad[0])!r}")
-        resolve_device(self.device)
+        resolve_precision(self.precision, resolve_device(self.device))
 
 
 @dataclass
@@ -69,7 +121,20 @@ class EpochStats:
     val_acc: float
     lr: float
     seconds: float  # wall time of the run so far
-    images_per_second: float  # training throughput of this epoch
+    images_per_second: float  # training throughput of this epoch (compilation included)
+    compile_seconds: float = 0.0  # time the first step of this epoch took beyond an ordinary step
+
+
+@dataclass
+class Progress:
+    """Where a run is inside an epoch; ``train`` reports it every few seconds."""
+
+    epoch: int
+    epochs: int
+    images: int  # images of this epoch done
+    epoch_images: int
+    images_per_second: float  # since the epoch started
+    seconds_left: float  # of the whole run, at this epoch's pace
 
 
 @dataclass
@@ -87,6 +152,29 @@ def resolve_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return torch.device(name)
+
+
+def _cpu_runs_bf16() -> bool:
+    # torch exposes the CPU's bf16 units only through these helpers (no public equivalent).
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The training dtype: ``bf16`` (autocast) or ``fp32``; ``auto`` picks bf16 where it is native."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_runs_bf16()
+    if name == "bf16" and device.type == "cuda" and not native:
+        raise ValueError(f"precision bf16 requested but {torch.cuda.get_device_name(device)} has no bf16 support")
+    if name == "bf16" or (name == "auto" and native):
+        return torch.bfloat16
+    return torch.float32
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def device_name(device: torch.device) -> str:
@@ -107,29 +195,70 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, device: torch.device, tta: bool = False) -> Evaluation:
+def evaluate(
+    model: nn.Module, split: Split, device: torch.device, tta: bool = False, precision: str = "auto"
+) -> Evaluation:
     """Top-1 accuracy on ``split``; with ``tta`` the logits of the image and its mirror are summed."""
-    model.eval()
+    dtype = resolve_precision(precision, device)
+    model.to(device, memory_format=torch.channels_last).eval()
     correct = torch.zeros((), device=device)
-    for x, y in DeviceLoader(split, 1000, device):
-        with _autocast(device):
-            logits = model(x)
+    for x, y in DeviceLoader(split, 1000, device, dtype):
+        with _autocast(device, dtype):
+            logits = model(x).float()
             if tta:
-                logits = logits + model(x.flip(3))
+                logits = logits + model(x.flip(3)).float()
         correct += (logits.argmax(1) == y).sum()
     return Evaluation(correct.item() / max(1, len(split)), 2 if tta else 1, len(split))
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # Conv / linear weights decay; norm parameters, biases and quantizer step sizes do not.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    # foreach: a few multi-tensor kernels per step, no host-device sync on CUDA. (Fused SGD cannot
+    # mix fresh and existing momentum buffers, which a float warm-up produces for step sizes.)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True, foreach=True)
+
+
+class _EMA:
+    """An exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: nn.Module, halflife_steps: float) -> None:
+        self.model = copy.deepcopy(model)
+        self.decay = 0.5 ** (1 / halflife_steps)
+        pairs = zip(self.model.state_dict().values(), model.state_dict().values())
+        self.pairs = [(e, m) for e, m in pairs if m.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        weight = 1 - min(self.decay, (1 + step) / (10 + step))  # early on, follow the model closely
+        for e, m in self.pairs:
+            e.lerp_(m, weight)
+
+
+def _should_compile(config: TrainConfig, model: nn.Module, steps: int) -> bool:
+    if config.compile != "auto":
+        return config.compile == "on"
+    return bool(learned_quantizers(model)) and steps >= COMPILE_MIN_STEPS
+
+
+def _compiled(model: nn.Module, on: bool) -> nn.Module:
+    """``model`` compiled, or ``model`` itself (with one warning) where no compiler works."""
+    if not on:
+        return model
+    # Compile in this process: no pool of compile workers that a Ctrl-C would also hit.
+    torch._inductor.config.compile_threads = 1
+    try:
+        return torch.compile(model)
+    except Exception as e:  # no C++ compiler, unsupported platform
+        warnings.warn(f"torch.compile unavailable ({e}); training eagerly", stacklevel=3)
+        return model
 
 
 def train(
@@ -137,46 +266,71 @@ def train(
     data: Dataset,
     config: TrainConfig,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> list[EpochStats]:
     """Train ``model`` in place on ``data.train``, validating on ``data.val`` after every epoch.
 
     ``on_epoch`` sees each epoch's stats; it may raise to stop training (a search pruner does).
+    ``on_progress`` is called every few seconds inside an epoch.
     Example: ``history = train(model, load_data(DataConfig()), TrainConfig(epochs=3))``.
     """
     device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
+    recipe = RECIPES[config.recipe]
     torch.manual_seed(config.seed)
-    model.to(device)
     if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    model.to(device, memory_format=torch.channels_last)
     loader = DeviceLoader(
         data.train,
         config.batch_size,
         device,
+        dtype,
         train=True,
         crop=config.crop,
+        pad_mode=recipe.pad_mode,
         flip=config.flip,
+        alternate_flip=recipe.alternate_flip,
         cutout=config.cutout,
         seed=config.seed,
     )
     if len(loader) == 0:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data.train)} training images")
-    optimizer = _optimizer(model, config)
+    optimizer = _optimizer(model, config, device)
+    hooks = install_training_hooks(model, optimizer)
     mix = torch.distributions.Beta(config.mixup, config.mixup) if config.mixup > 0 else None
-    total, step, start, history = config.epochs * len(loader), 0, time.perf_counter(), []
-    for epoch in range(1, config.epochs + 1):
+    total = config.epochs * len(loader)
+    compile_on = _should_compile(config, model, total)
+    # A float warm-up only for quantizers that start from scratch (not when fine-tuning).
+    float_epochs = 0 if calibrated(model) else math.floor(recipe.float_warmup * config.epochs)
+
+    def start_phase(quantized: bool) -> nn.Module:
+        """Quantizers on or off; calibrated eagerly on one batch, then the step is (re)compiled."""
+        set_quantization_(model, quantized)
         model.train()
-        epoch_start = time.perf_counter()
+        with _autocast(device, dtype):
+            calibrate_(model, loader.images[: config.batch_size])
+        return _compiled(model, compile_on)
+
+    step, start, history = 0, time.perf_counter(), []
+    for epoch in range(1, config.epochs + 1):
+        new_phase = epoch == 1 or epoch == float_epochs + 1
+        if new_phase:
+            step_model = start_phase(quantized=epoch > float_epochs)
+            ema = _EMA(model, recipe.ema_halflife * len(loader)) if recipe.ema_halflife else None
+        model.train()
+        epoch_start = last_report = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
             lr = lr_at(step, total, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             lam = float(mix.sample()) if mix else 1.0
             perm = torch.randperm(len(y), device=device) if mix else None
             x_in = lam * x + (1 - lam) * x[perm] if mix else x
-            with _autocast(device):
-                logits = model(x_in)
+            with _autocast(device, dtype):
+                logits = step_model(x_in)
                 loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
                 if mix:
                     loss = lam * loss + (1 - lam) * F.cross_entropy(
@@ -185,10 +339,20 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            clamp_binary_weights_(model)
+            if ema:
+                ema.update(step)
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
             step += 1
+            now = time.perf_counter()
+            if i == 0:
+                first_step = now - epoch_start
+            if on_progress and now - last_report >= PROGRESS_SECONDS:
+                last_report = now
+                done = (i + 1) * config.batch_size
+                rate = done / (now - epoch_start)
+                left = (total - step) * config.batch_size / rate
+                on_progress(Progress(epoch, config.epochs, done, len(loader) * config.batch_size, rate, left))
         mean_loss = loss_sum.item() / len(loader)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(
@@ -197,16 +361,36 @@ def train(
             )
         seen = len(loader) * config.batch_size
         epoch_seconds = time.perf_counter() - epoch_start
+        ordinary_step = (epoch_seconds - first_step) / max(1, len(loader) - 1)
+        compile_seconds = max(0.0, first_step - ordinary_step) if new_phase and compile_on else 0.0
+        judged = ema.model if ema else model
         stats = EpochStats(
             epoch=epoch,
             train_loss=mean_loss,
             train_acc=correct.item() / seen,
-            val_acc=evaluate(model, data.val, device, config.tta).accuracy if len(data.val) else float("nan"),
+            val_acc=evaluate(judged, data.val, device, config.tta, config.precision).accuracy
+            if len(data.val)
+            else float("nan"),
             lr=lr,
             seconds=time.perf_counter() - start,
             images_per_second=seen / epoch_seconds,
+            compile_seconds=compile_seconds,
         )
         history.append(stats)
         if on_epoch:
             on_epoch(stats)
+    if ema:
+        model.load_state_dict(ema.model.state_dict())
+    for hook in hooks:
+        hook.remove()
     return history
+
+
+def print_progress(p: Progress) -> None:
+    """One updating line on stderr when it is a terminal (logs get the per-epoch lines only)."""
+    if sys.stderr.isatty():
+        line = (
+            f"  epoch {p.epoch}/{p.epochs}  {p.images:,}/{p.epoch_images:,} images  "
+            f"{p.images_per_second:,.0f} img/s  {p.seconds_left:,.0f}s left"
+        )
+        print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)

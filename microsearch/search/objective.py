@@ -22,7 +22,15 @@ from microsearch.compression import li_prune, make_permanent_, prune_layers_, qu
 from microsearch.evaluation import Score, audit
 from microsearch.evaluation.data import Dataset
 from microsearch.evaluation.loader import DeviceLoader
-from microsearch.evaluation.train import EpochStats, device_name, evaluate, resolve_device, train
+from microsearch.evaluation.train import (
+    EpochStats,
+    device_name,
+    evaluate,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+    train,
+)
 from microsearch.models import create_model
 from microsearch.search.space import MODEL, TrialPlan, suggest
 from microsearch.search.study import StudyConfig
@@ -160,7 +168,7 @@ class Objective:
                 raise optuna.TrialPruned(f"val {stats.val_acc:.1%} at epoch {step} is below every feasible trial")
 
         model = train_and_compress(plan, self.study, self.data, report, lambda s: report(s, offset=plan.train.epochs))
-        result = evaluate(model, self.data.val, self.device, plan.train.tta)
+        result = evaluate(model, self.data.val, self.device, plan.train.tta, plan.train.precision)
         score = audit(model, rule=self.study.rule, passes=result.passes)
         set_feasibility(trial, result.accuracy, self.study.target)
         attrs = {
@@ -175,6 +183,7 @@ class Objective:
             "history": history,
             "seconds": time.perf_counter() - start,
             "device": device_name(self.device),
+            "precision": precision_name(resolve_precision(plan.train.precision, self.device)),
             "version": code_version(),
         }
         for key, value in attrs.items():

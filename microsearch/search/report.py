@@ -14,6 +14,7 @@ from microsearch.search import describe
 from microsearch.search.objective import layer_table, score_line
 from microsearch.search.pareto import trial_points
 from microsearch.search.pruner import is_feasible
+from microsearch.search.retrain import test_accuracy
 from microsearch.search.run import best_feasible
 from microsearch.search.study import StudyConfig
 
@@ -99,7 +100,7 @@ def sections(study: StudyConfig, optuna_study: optuna.Study, sweeps: Path | None
             Section(
                 f"Final model (trial {card['trial']}, retrained)",
                 [
-                    f"Test accuracy {card['test_acc']:.2%} on {card['data']['test_images']:,} test images; score "
+                    f"Test accuracy {test_accuracy(card)}; score "
                     f"{a['score']:.5f} = params {a['param_term']:.5f} + ops {a['ops_term']:.5f} ({card['rule']}); "
                     f"{a['raw_params']:,} parameters ({a['nonzero_params']:,} nonzero), {a['raw_ops']:,} operations. "
                     f"Trained on {card['data']['train_images']:,} images in {card['seconds']:.0f} s "

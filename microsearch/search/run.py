@@ -28,7 +28,9 @@ _DEFINING = ("target", "rule", "data", "space", "compression")
 def _definition(study: StudyConfig) -> dict:
     d = asdict(study)
     defining = {k: d[k] for k in _DEFINING}
-    defining["budget"] = {k: d["budget"][k] for k in ("epochs", "finetune_epochs", "finetune_lr", "batch_size", "tta")}
+    defining["budget"] = {
+        k: d["budget"][k] for k in ("epochs", "finetune_epochs", "finetune_lr", "batch_size", "tta", "recipe")
+    }
     del defining["data"]["cache_dir"]  # machine-local: workers on other hosts keep their own
     return _jsonable(defining)
 

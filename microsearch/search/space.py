@@ -81,6 +81,9 @@ def suggest(trial: optuna.trial.BaseTrial, study: StudyConfig) -> TrialPlan:
         mixup=trial.suggest_float("mixup", *space.mixup),
         cutout=trial.suggest_int("cutout", *space.cutout),
         tta=budget.tta,
+        recipe=budget.recipe,
+        precision=study.precision,
+        compile=study.compile,
         seed=study.seed,
         device=study.device,
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 from microsearch.evaluation.data import DataConfig
 from microsearch.evaluation.score import RULES
-from microsearch.evaluation.train import resolve_device
+from microsearch.evaluation.train import COMPILE, PRECISIONS, RECIPES, resolve_device, resolve_precision
 from microsearch.models import BLOCKS
 
 GRANULARITIES = ("stage", "block")
@@ -81,8 +81,11 @@ class BudgetConfig:
     timeout: float | None = None  # seconds per worker; None: no limit
     batch_size: int = 256
     tta: bool = False  # flip test-time augmentation (its second pass is scored)
+    recipe: str = "baseline"  # training recipe, a name in microsearch.evaluation.train.RECIPES
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
         for name in ("epochs", "trials", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -133,6 +136,8 @@ class StudyConfig:
     artifacts: str | None = None  # folder for trial model files; None: <study folder>/<name>-artifacts
     seed: int = 0  # sampler seed (worker i uses seed + i) and data split seed
     device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp32: how this worker trains (not part of the definition)
+    compile: str = "auto"  # auto | on | off: torch.compile of the training step
     heartbeat: int = 60  # seconds between heartbeats (RDB storages)
     grace: int = 180  # seconds without a heartbeat before a trial is failed and retried
     data: DataConfig = field(default_factory=DataConfig)
@@ -152,7 +157,11 @@ class StudyConfig:
             raise ValueError(f"rule must be one of {list(RULES)}, got {self.rule!r}")
         if self.heartbeat < 1 or self.grace <= self.heartbeat:
             raise ValueError(f"need heartbeat >= 1 and grace > heartbeat, got {self.heartbeat}, {self.grace}")
-        resolve_device(self.device)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile not in COMPILE:
+            raise ValueError(f"compile must be one of {COMPILE}, got {self.compile!r}")
+        resolve_precision(self.precision, resolve_device(self.device))
 
     @property
     def artifacts_dir(self) -> Path:

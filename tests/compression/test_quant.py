@@ -7,10 +7,14 @@ from microsearch.compression import (
     QuantConv2d,
     Quantizer,
     QuantLinear,
+    calibrate_,
+    calibrated,
     clamp_binary_weights_,
     current_plan,
+    install_training_hooks,
     quant_plan,
     quantize_,
+    set_quantization_,
 )
 from microsearch.models import create_model
 
@@ -115,3 +119,148 @@ def test_loading_a_state_dict_replaces_cached_levels():
     x = torch.rand(64) * 3
     assert torch.equal(other(x), calibrated(x))
     assert other(x).min() >= 0
+
+
+def _lsq_reference(x: torch.Tensor, step: float, lo: int, hi: int, g: float):
+    """LSQ (Esser et al. 2020) written out: value, d/dx and d/dstep of sum(out * upstream)."""
+    v = x.double() / step
+    inside = (v >= lo) & (v <= hi)
+    value = torch.round(v.clamp(lo, hi)) * step
+    dstep = torch.where(inside, torch.round(v) - v, v.clamp(lo, hi))  # -Q_N below, Q_P above
+    return value, inside.double(), dstep * g
+
+
+def _compare_with_reference(quantizer: Quantizer, x: torch.Tensor, autocast: bool) -> None:
+    step = float(quantizer.scale.detach().abs()) + 1e-8
+    lo, hi = quantizer.levels()
+    n = x[0].numel() if quantizer.per_sample else x.numel()
+    value, dx, dstep = _lsq_reference(x.detach().float(), step, lo, hi, 1 / (n * hi) ** 0.5)
+    upstream = torch.linspace(-1, 1, x.numel()).view_as(x)
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = quantizer(x)
+    (out.float() * upstream).sum().backward()
+    assert out.dtype == torch.float32  # quantizer math in float32 under autocast too
+    torch.testing.assert_close(out.double(), value, rtol=0, atol=1e-6 * step * hi)
+    # the input gradient comes back in the input's dtype (bf16 rounds the upstream values)
+    torch.testing.assert_close(x.grad, (dx * upstream.double()).to(x.dtype), rtol=0, atol=1e-6)
+    expected = (dstep * upstream.double()).sum()
+    torch.testing.assert_close(quantizer.scale.grad.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantizer_matches_the_lsq_formula_in_value_and_every_gradient(bits, autocast):
+    torch.manual_seed(bits)
+    x = torch.randn(8, 4, 6, 6) * 2
+    if autocast:
+        x = x.bfloat16()  # what a bf16 layer hands the next quantizer
+    q = Quantizer(bits, signed=None, per_sample=True)
+    q(x.float())  # calibrate on a batch with negative values: signed levels
+    with torch.no_grad():
+        q.scale.fill_(0.37)  # a step where values fall inside, on and outside the range
+    _compare_with_reference(q, x, autocast)
+
+
+def test_compiled_quantizer_matches_the_lsq_formula():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 4, 4)
+    q = Quantizer(4, signed=True, per_sample=True)
+    q(x)
+    compiled = torch.compile(q)
+    step = float(q.scale.detach().abs()) + 1e-8
+    value, dx, dstep = _lsq_reference(x, step, -8, 7, 1 / (x[0].numel() * 7) ** 0.5)
+    xr = x.clone().requires_grad_()
+    compiled(xr).sum().backward()
+    torch.testing.assert_close(compiled(x).double(), value, rtol=0, atol=1e-6)
+    torch.testing.assert_close(xr.grad.double(), dx)
+    torch.testing.assert_close(q.scale.grad.double(), dstep.sum(), rtol=1e-4, atol=1e-7)
+
+
+def test_the_step_gradient_scale_counts_one_sample_not_the_batch():
+    q = Quantizer(4, signed=True, per_sample=True)
+    one = torch.randn(1, 3, 5, 5)
+    q(one)
+
+    def step_grad(x: torch.Tensor) -> float:
+        q.scale.grad = None
+        q(x).sum().backward()
+        return float(q.scale.grad)
+
+    # Eight copies of one sample: eight times its gradient (a batch-size scale would give sqrt(8)x).
+    assert step_grad(one.repeat(8, 1, 1, 1)) == pytest.approx(8 * step_grad(one), rel=1e-5)
+
+
+def test_16_bits_rounds_like_float16_eagerly_and_compiled():
+    x = torch.cat([torch.randn(4000) * s for s in (1e-7, 1e-5, 1e-3, 1.0, 300.0, 5e4)])
+    x = torch.cat([x, torch.tensor([65504.0, 65519.0, 65520.0, 2.0**-24, 2.0**-25, 0.0])])
+    expected = x.half().float()
+    assert torch.equal(Quantizer(16)(x), expected)
+    activations = Quantizer(16, per_sample=True)
+    assert torch.equal(torch.compile(activations)(x[None]), expected[None])
+    assert torch.equal(Quantizer(16)(x.bfloat16()), x.bfloat16())  # bf16 is 16-bit already
+    # Compiled training leaves 16-bit parameters unrounded (see Quantizer.split); eager rounds.
+    assert torch.equal(torch.compile(Quantizer(16))(x), x)
+
+
+def test_quantized_conv_runs_on_integer_levels_and_equals_the_fake_quantized_conv():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False))
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=4))
+    layer = model[0]
+    x = torch.relu(torch.randn(4, 8, 10, 10))
+    layer(x)  # calibrate
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: None)
+    original = layer._conv_forward
+    layer._conv_forward = lambda xl, wl, b: seen.append((xl, wl)) or original(xl, wl, b)
+    out = layer(x)
+    handle.remove()
+    x_levels, w_levels = seen[0]
+    assert torch.equal(x_levels, x_levels.round()) and x_levels.min() >= 0 and x_levels.max() <= 15
+    assert torch.equal(w_levels, w_levels.round()) and w_levels.min() >= -8 and w_levels.max() <= 7
+    reference = nn.functional.conv2d(layer.act_quant(x), layer.weight_quant(layer.weight), padding=1)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    x_bf16 = x.bfloat16()  # what a bf16 layer hands on; the reference quantizes the same values
+    reference = nn.functional.conv2d(layer.act_quant(x_bf16.float()), layer.weight_quant(layer.weight), padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x_bf16)
+    # exact integer sums, rounded once to bf16 (8 significant bits) on the way out
+    torch.testing.assert_close(low.float(), reference, rtol=2**-8, atol=1e-4)
+
+
+def test_batchnorm_without_momentum_keeps_a_cumulative_average():
+    model = nn.Sequential(nn.BatchNorm2d(3, momentum=None))
+    quantize_(model, QuantConfig(weight_bits=8, act_bits=8, bias_bits=32))
+    batches = [torch.randn(16, 3, 4, 4) + k for k in range(3)]
+    for b in batches:
+        model(b)
+    expected = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    torch.testing.assert_close(model[0].running_mean, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_binary_connect_clamp_is_an_optimizer_hook_installed_by_compression():
+    model = nn.Sequential(nn.Linear(8, 4))
+    quantize_(model, QuantConfig(weight_bits=1, act_bits=8))
+    opt = torch.optim.SGD(model.parameters(), lr=100.0)
+    hooks = install_training_hooks(model, opt)
+    assert len(hooks) == 1
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    assert model[0].weight.abs().max() <= 1
+    plain = nn.Sequential(nn.Linear(8, 4))
+    quantize_(plain, QuantConfig(weight_bits=4, act_bits=8))
+    assert install_training_hooks(plain, torch.optim.SGD(plain.parameters(), lr=0.1)) == []
+
+
+def test_quantization_can_be_switched_off_and_calibrates_when_switched_on():
+    model = nn.Sequential(nn.Linear(8, 4))
+    quantize_(model, QuantConfig(weight_bits=2, act_bits=2))
+    x = torch.randn(16, 8)
+    set_quantization_(model, False)
+    assert torch.equal(model(x), nn.functional.linear(x, model[0].weight, model[0].bias))
+    assert not calibrated(model)
+    set_quantization_(model, True)
+    calibrate_(model, x)
+    assert calibrated(model)
+    assert model[0].weight_quant(model[0].weight).unique().numel() <= 4

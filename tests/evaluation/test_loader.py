@@ -1,7 +1,7 @@
 import torch
 
 from microsearch.evaluation.data import Split
-from microsearch.evaluation.loader import DeviceLoader, cutout, random_crop, random_flip
+from microsearch.evaluation.loader import DeviceLoader, cutout, flip_where, place, random_crop
 
 CPU = torch.device("cpu")
 
@@ -28,13 +28,53 @@ def test_random_crop_takes_a_window_of_the_padded_image():
     assert len(offsets) > 1  # offsets differ between samples
 
 
-def test_random_flip_mirrors_about_half():
-    x = _unique_images(200)
-    out = random_flip(x, torch.Generator().manual_seed(0))
-    flipped = [torch.equal(o, i.flip(2)) for o, i in zip(out, x)]
-    kept = [torch.equal(o, i) for o, i in zip(out, x)]
-    assert all(f or k for f, k in zip(flipped, kept))
-    assert 60 < sum(flipped) < 140
+def test_flip_where_mirrors_exactly_the_marked_images():
+    x = _unique_images(6)
+    flip = torch.tensor([True, False, True, False, False, True])
+    out = flip_where(x, flip)
+    for o, i, f in zip(out, x, flip):
+        assert torch.equal(o, i.flip(2) if f else i)
+
+
+def test_random_crop_with_reflect_padding_mirrors_the_border():
+    x = _unique_images(32).float()
+    out = random_crop(x, 2, torch.Generator().manual_seed(0), mode="reflect")
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    assert all(
+        any(torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], out[i]) for dy in range(5) for dx in range(5))
+        for i in range(32)
+    )
+    assert (out == 0).sum() == 0  # no zero padding anywhere
+
+
+def _flips(loader: DeviceLoader, images: torch.Tensor) -> dict[int, bool]:
+    """label -> whether the loader mirrored that image in one epoch."""
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1) * 255
+    normalised = (images.float() - mean) / std
+    out = {}
+    for x, y in loader:
+        for img, label in zip(x, y.tolist()):
+            out[label] = torch.allclose(img, normalised[label].flip(2)) and not torch.allclose(img, normalised[label])
+    return out
+
+
+def test_alternate_flip_mirrors_each_image_in_every_other_epoch():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    loader = DeviceLoader(Split(images, torch.arange(64)), 16, CPU, train=True, flip=True, alternate_flip=True)
+    first, second, third = (_flips(loader, images) for _ in range(3))
+    assert 16 < sum(first.values()) < 48  # a random half in the first epoch
+    assert all(second[i] != first[i] for i in range(64))  # then the other half
+    assert third == first
+
+
+def test_a_split_is_placed_on_a_device_once_per_dtype():
+    split = Split(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8))
+    images, _ = place(split, CPU, torch.bfloat16)
+    assert images.dtype == torch.bfloat16 and images.is_contiguous(memory_format=torch.channels_last)
+    assert place(split, CPU, torch.bfloat16)[0] is images  # reused, not uploaded again
+    assert place(split, CPU, torch.float32)[0].dtype == torch.float32
+    assert len(split.placed) == 2
 
 
 def test_cutout_zeroes_at_most_a_square():

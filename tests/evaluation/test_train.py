@@ -4,11 +4,15 @@ import pytest
 import torch
 from torch import nn
 
+from microsearch.compression import QuantConfig, calibrated, quantize_
+from microsearch.evaluation import train as train_module
+from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.train import (
     TrainConfig,
     TrainingDiverged,
     evaluate,
     lr_at,
+    resolve_precision,
     train,
 )
 from microsearch.models import create_model
@@ -94,3 +98,92 @@ def test_unavailable_device_is_refused():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="CUDA is not available"):
         TrainConfig(device="cuda")
+
+
+def _quantized(width: int = 8) -> nn.Module:
+    model = create_model("resnet", width=width, blocks=(1, 1, 1))
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8))
+    return model
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_runs_it_natively(monkeypatch):
+    assert resolve_precision("fp32", CPU) == torch.float32
+    assert resolve_precision("bf16", CPU) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_precision("auto", CPU) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", CPU) == torch.float32
+    with pytest.raises(ValueError, match=r"TrainConfig\.precision"):
+        TrainConfig(precision="fp8")
+
+
+def test_a_quantized_model_scores_the_same_accuracy_in_bf16_and_fp32(small_data):
+    model = _quantized()
+    train(model, small_data, TrainConfig(epochs=4, batch_size=64, lr=0.1, precision="bf16"))
+    held_out = load_data(DataConfig("synthetic:6000", val_size=5000, seed=3)).val
+    bf16 = evaluate(model, held_out, CPU, precision="bf16").accuracy
+    fp32 = evaluate(model, held_out, CPU, precision="fp32").accuracy
+    assert bf16 > 0.3  # it learned something, so the comparison means something
+    assert abs(bf16 - fp32) <= 0.001  # 0.1 point: at most 5 of 5,000 predictions differ
+
+
+def test_compiled_and_eager_training_learn_alike(small_data):
+    results = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        config = TrainConfig(epochs=2, batch_size=64, lr=0.1, precision="fp32", compile=mode)
+        history = train(_quantized(4), small_data, config)
+        results[mode] = history
+    assert results["on"][0].compile_seconds > 0 and results["off"][0].compile_seconds == 0
+    assert results["on"][-1].train_loss == pytest.approx(results["off"][-1].train_loss, rel=0.05)
+
+
+def test_compile_falls_back_to_eager_with_one_warning(small_data, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="torch.compile unavailable"):
+        history = train(_quantized(4), small_data, TrainConfig(epochs=1, batch_size=64, compile="on"))
+    assert len(history) == 1 and math.isfinite(history[0].train_loss)
+
+
+def test_progress_is_reported_inside_an_epoch(small_data, monkeypatch):
+    monkeypatch.setattr(train_module, "PROGRESS_SECONDS", 0.0)
+    seen = []
+    train(
+        create_model("resnet", width=4, blocks=(1, 1, 1)),
+        small_data,
+        TrainConfig(epochs=2, batch_size=64),
+        on_progress=seen.append,
+    )
+    steps = len(small_data.train) // 64
+    assert len(seen) == 2 * steps
+    assert [p.images for p in seen[:3]] == [64, 128, 192] and seen[0].epoch_images == steps * 64
+    assert seen[-1].seconds_left == 0 and all(p.images_per_second > 0 for p in seen)
+
+
+def test_the_fast_recipe_warms_up_in_float_then_trains_quantized(small_data, monkeypatch):
+    phases = []
+    original = train_module.set_quantization_
+    monkeypatch.setattr(train_module, "set_quantization_", lambda m, on: phases.append(on) or original(m, on))
+    model = _quantized(4)
+    train(model, small_data, TrainConfig(epochs=4, batch_size=64, recipe="fast"))
+    assert phases == [False, True]  # 30% of 4 epochs: one float epoch, then quantized
+    assert calibrated(model)  # the quantizers started from the trained weights
+    phases.clear()
+    train(model, small_data, TrainConfig(epochs=2, batch_size=64, recipe="fast"))
+    assert phases == [True]  # fine-tuning a calibrated model never goes back to float
+
+
+def test_ema_weights_are_a_smoothed_copy_that_ends_in_the_model():
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = train_module._EMA(model, halflife_steps=1.0)  # decay 0.5 per step
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for step in range(100, 103):
+        ema.update(step)
+    torch.testing.assert_close(ema.model.weight, torch.full((2, 2), 1 - 0.5**3))

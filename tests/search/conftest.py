@@ -57,6 +57,6 @@ def searched(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("searched")
     path = folder / "done.toml"
-    path.write_text(TINY.format(name="done", target=0.15, images=400, epochs=2))
+    path.write_text(TINY.format(name="done", target=0.15, images=1000, epochs=3))
     assert main(["search", str(path), "--n-trials", "3"]) == 0
     return path, load_study(path)

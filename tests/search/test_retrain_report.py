@@ -46,7 +46,7 @@ def test_retrain_writes_model_and_card_that_rescore_identically(searched, tmp_pa
     card = json.loads((out / "model_card.json").read_text())
     best = open_study(study).best_trial
     assert card["trial"] == best.number and card["hyperparameters"] == best.params
-    assert card["data"]["train_images"] == 400 and card["data"]["test_images"] == 80  # train + val, then test
+    assert card["data"]["train_images"] == 1000 and card["data"]["test_images"] == 200  # train + val, then test
     assert 0 <= card["test_acc"] <= 1 and card["plan"]["train"]["epochs"] == 1
     assert {"seconds", "device", "version", "command"} <= set(card)
     torch.load(out / "model.pt", weights_only=True)
@@ -109,3 +109,44 @@ def test_pareto_command_writes_the_figure_and_stores_it(searched, tmp_path):
     assert "target 15%" in (tmp_path / "p.html").read_text()
     optuna_study = optuna.load_study(study_name=study.name, storage=study.storage_url)
     assert len(get_plotly_graph_objects(optuna_study._storage.get_study_system_attrs(optuna_study._study_id))) == 1
+
+
+def test_retrain_without_a_test_split_says_how_to_measure_it(tmp_path, capsys):
+    from tests.test_cli import _image_tree
+
+    _image_tree(tmp_path / "imgs", classes=10, per_class=12)
+    _image_tree(tmp_path / "with_test", classes=10, per_class=3, test=True)
+    path = tmp_path / "notest.toml"
+    path.write_text(
+        f"""
+[study]
+name = "notest"
+target = 0.1
+device = "cpu"
+[data]
+source = "imagefolder:{tmp_path / "imgs"}"
+val_size = 20
+cache_dir = "{tmp_path / "cache"}"
+[budget]
+epochs = 1
+finetune_epochs = 0
+batch_size = 20
+[space]
+width = [2, 2]
+depth = [1, 1]
+blocks = ["basic"]
+"""
+    )
+    assert main(["search", str(path), "--n-trials", "1"]) == 0
+    out = tmp_path / "final"
+    assert main(["retrain", str(path), "--trial", "0", "--out", str(out)]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["test_acc"] is None and card["data"]["train_images"] == 120 and card["data"]["test_images"] == 0
+    command = f"microsearch evaluate {out / 'model.pt'} --data SOURCE --split test"
+    assert card["test_command"] == command
+    assert f"not measured: imagefolder:{tmp_path / 'imgs'} has no test split" in (out / "model_card.md").read_text()
+    assert "not measured" in capsys.readouterr().out
+    source = f"imagefolder:{tmp_path / 'with_test'}"
+    assert main(["evaluate", str(out / "model.pt"), "--data", source, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 30 and result["score"] == pytest.approx(card["audit"]["score"])

@@ -137,6 +137,6 @@ def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path):
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     queued = [t for t in trials if t.state == TrialState.WAITING]
-    assert len(failed) == 2  # the interrupted trials are marked...
+    assert len(failed) == 2, [(t.number, t.state.name) for t in trials]  # the interrupted trials are marked...
     assert sorted(t.system_attrs["failed_trial"] for t in queued) == sorted(t.number for t in failed)
     assert {str(t.params) for t in queued} == {str(t.params) for t in failed}  # ...and queued again

@@ -1,0 +1,191 @@
+"""How fast one trial trains: microsearch's own training step, precisions, compilation, recipes.
+
+One run, one JSON file:
+1. images/s of ``train()`` (its device loader, augmentation and step) for the float and the 4/4-bit
+   ResNet-20 (first conv and classifier at 8 bits), at fp32 and at the auto precision, eager and
+   compiled, beside a plain bf16 + channels_last loop over the float model (the ceiling: no
+   augmentation, no bookkeeping). Throughput is that of the last epoch (the steady state);
+   compile seconds come from the first.
+2. Operations dispatched per training step (torch profiler: aten operations not called by another).
+3. Validation accuracy after ``--epochs`` epochs on ``--data`` for the 4/4-bit ResNet-20 trained
+   with each recipe, same seed and data.
+
+    python benchmarks/trial_speed.py --data imagefolder:~/data/cifar10-jpeg \
+        --out benchmarks/results/trial_speed_cpu.json
+"""
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from microsearch import code_version
+from microsearch.compression import QuantConfig, calibrate_, quantize_
+from microsearch.evaluation.data import DataConfig, load_data
+from microsearch.evaluation.train import (
+    RECIPES,
+    TrainConfig,
+    device_name,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+    train,
+)
+from microsearch.models import create_model
+
+QUANT = QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8)
+
+
+def build(quantized: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    if quantized:
+        quantize_(model, QUANT)
+    return model
+
+
+def plain_loop(device: torch.device, batch: int, steps: int) -> float:
+    """Images/s of the simplest bf16 + channels_last step over the float ResNet-20."""
+    model = build(False).to(device, memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def ops_per_step(quantized: bool, config: TrainConfig, device: torch.device) -> int:
+    """aten operations dispatched by one step as ``train`` runs it (eager or compiled)."""
+    dtype = resolve_precision(config.precision, device)
+    model = build(quantized).to(device, memory_format=torch.channels_last).train()
+    x = torch.randn(config.batch_size, 3, 32, 32, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (config.batch_size,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with autocast:
+        calibrate_(model, x)
+    step_model = torch.compile(model) if config.compile == "on" else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, foreach=True)
+
+    def step() -> None:
+        with autocast:
+            loss = F.cross_entropy(step_model(x), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.events()
+    return sum(
+        1
+        for e in events
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="imagefolder:~/data/cifar10-jpeg", help="source for the recipe comparison")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of the recipe comparison")
+    p.add_argument("--speed-images", type=int, default=6144, help="training images per epoch of the speed runs")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-recipes", action="store_true", help="only measure speed")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    auto = precision_name(resolve_precision("auto", device))
+    result = {
+        "device": device_name(device),
+        "auto_precision": auto,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "version": code_version(),
+        "batch_size": args.batch_size,
+        "speed": [],
+        "recipes": [],
+    }
+
+    def save() -> None:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+
+    speed_data = load_data(DataConfig(f"synthetic:{args.speed_images + 512}", val_size=512))
+    result["plain_bf16_loop_images_per_second"] = plain_loop(device, args.batch_size, 20)
+    print(f"plain bf16 + channels_last loop: {result['plain_bf16_loop_images_per_second']:.0f} img/s", flush=True)
+    for quantized in (False, True):
+        for precision in ("fp32", "auto"):
+            for compiled in ("off", "on"):
+                config = TrainConfig(
+                    epochs=2,
+                    batch_size=args.batch_size,
+                    precision=precision,
+                    compile=compiled,
+                    device=str(device),
+                )
+                history = train(build(quantized), speed_data, config)
+                row = {
+                    "model": "resnet20 4/4-bit (first/last 8)" if quantized else "resnet20 float",
+                    "precision": precision_name(resolve_precision(precision, device)),
+                    "compiled": compiled == "on",
+                    "images_per_second": history[-1].images_per_second,
+                    "compile_seconds": history[0].compile_seconds,
+                    "ops_per_step": ops_per_step(quantized, config, device),
+                }
+                result["speed"].append(row)
+                save()
+                print(json.dumps(row), flush=True)
+    if args.skip_recipes:
+        return
+    data = load_data(DataConfig(args.data))
+    base = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, device=str(device))
+    for recipe in RECIPES:
+        start = time.perf_counter()
+        history = train(
+            build(True),
+            data,
+            replace(base, recipe=recipe),
+            on_epoch=lambda s, r=recipe: print(
+                f"{r} epoch {s.epoch}: val {s.val_acc:.2%} {s.seconds:.0f}s", flush=True
+            ),
+        )
+        row = {
+            "recipe": recipe,
+            "model": "resnet20 4/4-bit (first/last 8)",
+            "data": args.data,
+            "epochs": args.epochs,
+            "val_acc": history[-1].val_acc,
+            "val_acc_per_epoch": [h.val_acc for h in history],
+            "seconds": time.perf_counter() - start,
+            "precision": auto,
+        }
+        result["recipes"].append(row)
+        save()
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
