@@ -276,7 +276,21 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     study = load_study(args.study, _study_overrides(args))
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
-    return launch(study, args.workers, gpus, args.storage, _study_worker_args(args))
+    if args.workers_per_gpu is not None:
+        if not gpus:
+            raise ValueError("--workers-per-gpu needs --gpus (the GPUs the workers share)")
+        if args.workers_per_gpu < 1:
+            raise ValueError(f"--workers-per-gpu must be >= 1, got {args.workers_per_gpu}")
+        workers = args.workers or args.workers_per_gpu * len(gpus)
+        url = args.storage or study.storage_url
+        if workers > 1 and url.startswith("sqlite"):
+            raise ValueError(
+                f"{workers} workers cannot share the SQLite file {url} (one writer at a time): "
+                "use --storage journal:PATH (one host) or a PostgreSQL URL"
+            )
+    else:
+        workers = args.workers or (len(gpus) if gpus else 1)
+    return launch(study, workers, gpus, args.storage, _study_worker_args(args))
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
@@ -367,14 +381,19 @@ def _build_search(p: argparse.ArgumentParser) -> None:
     _add_speed_args(p, default=None)
     p.add_argument("--n-trials", type=int, help="trials for this worker (default: [budget] trials)")
     p.add_argument("--timeout", type=float, help="seconds for this worker (default: [budget] timeout)")
-    p.add_argument("--worker", type=int, default=0, help="worker index: sampler seed offset, log tag")
+    p.add_argument("--worker", type=int, default=0, help="worker index (its tag in the log)")
 
 
 def _build_launch(p: argparse.ArgumentParser) -> None:
     _add_study_args(p)
     _add_speed_args(p, default=None)
-    p.add_argument("--workers", type=int, required=True, help="local worker processes")
+    p.add_argument("--workers", type=int, help="local worker processes (default: one per GPU, or one)")
     p.add_argument("--gpus", help="comma-separated GPU ids, one worker per GPU in turn, e.g. 0,1,2,3")
+    p.add_argument(
+        "--workers-per-gpu",
+        type=int,
+        help="K workers share each listed GPU (small models leave a GPU idle); needs a journal or PostgreSQL storage",
+    )
     p.add_argument("--n-trials", type=int, help="trials per worker")
     p.add_argument("--timeout", type=float, help="seconds per worker")
 

@@ -140,8 +140,10 @@ class Objective:
         log: Callable[[str], None] = print,
         tag: str = "",
         artifacts: FileSystemArtifactStore | None = None,
+        sampler_seed: int | None = None,
     ) -> None:
         self.study, self.data, self.log, self.tag, self.artifacts = study, data, log, tag, artifacts
+        self.sampler_seed = sampler_seed
         self.device = resolve_device(study.device)
         self.current: int | None = None  # number of the trial being run, for an interrupted worker
 
@@ -150,6 +152,7 @@ class Objective:
         start = time.perf_counter()
         plan = suggest(trial, self.study)
         trial.set_user_attr("config", plan.to_dict())
+        trial.set_user_attr("sampler_seed", self.sampler_seed)
         history: list[dict] = []
         total_epochs = plan.train.epochs + self.study.budget.finetune_epochs
 

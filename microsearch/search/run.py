@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Callable
@@ -48,15 +49,18 @@ def artifact_store(study: StudyConfig) -> FileSystemArtifactStore:
     return FileSystemArtifactStore(str(study.artifacts_dir))
 
 
-def open_study(study: StudyConfig, storage_url: str | None = None, worker: int = 0) -> optuna.Study:
-    """Create the study on its storage (or load it), enqueue starting points once."""
+def open_study(study: StudyConfig, storage_url: str | None = None, sampler_seed: int | None = None) -> optuna.Study:
+    """Create the study on its storage (or load it), enqueue starting points once.
+
+    ``sampler_seed`` seeds this process's sampler. Workers draw a fresh one each start (see
+    ``run_worker``): a seed shared by two processes, or reused on a resume, replays the same
+    random start-up points, so the study would spend trials on parameter sets it has already run.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # workers print their own progress
     storage = open_storage(storage_url or study.storage_url, study.heartbeat, study.grace)
     with warnings.catch_warnings():  # group=True is "experimental" but is what conditional spaces need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=study.seed + worker, multivariate=True, group=True, constant_liar=True
-        )
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True, group=True, constant_liar=True)
     pruner = TargetPruner(study.target, study.pruner.margin, study.pruner.warmup_epochs, study.pruner.min_feasible)
     optuna_study = optuna.create_study(
         study_name=study.name,
@@ -127,7 +131,8 @@ def run_worker(
 ) -> optuna.Study:
     """One worker: checks storage and data first, then runs trials. Example:
     ``run_worker(load_study("studies/smoke.toml"), n_trials=4)``."""
-    optuna_study = open_study(study, storage_url, worker)
+    sampler_seed = secrets.randbits(31)
+    optuna_study = open_study(study, storage_url, sampler_seed)
     data = load_data(study.data)
     n_trials = n_trials or study.budget.trials
     timeout = timeout or study.budget.timeout
@@ -149,7 +154,8 @@ def run_worker(
             f"{elapsed:.0f}s, about {left:.0f}s left"
         )
 
-    objective = Objective(study, data, log, tag, artifacts=artifact_store(study))
+    log(f"[{tag}worker] sampler seed {sampler_seed} (recorded with each trial)")
+    objective = Objective(study, data, log, tag, artifacts=artifact_store(study), sampler_seed=sampler_seed)
     try:
         optuna_study.optimize(
             objective,

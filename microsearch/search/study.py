@@ -134,7 +134,7 @@ class StudyConfig:
     rule: str = "lab4"
     storage: str | None = None  # None: sqlite:///<study folder>/<name>.db
     artifacts: str | None = None  # folder for trial model files; None: <study folder>/<name>-artifacts
-    seed: int = 0  # sampler seed (worker i uses seed + i) and data split seed
+    seed: int = 0  # data split and training seed (samplers draw a fresh seed per process)
     device: str = "auto"
     precision: str = "auto"  # auto | bf16 | fp32: how this worker trains (not part of the definition)
     compile: str = "auto"  # auto | on | off: torch.compile of the training step

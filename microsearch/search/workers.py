@@ -18,7 +18,7 @@ def launch(
 ) -> int:
     """Start ``workers`` ``microsearch search`` processes on the study and wait for them all.
 
-    Worker i gets sampler seed ``seed + i`` and, with ``gpus``, ``CUDA_VISIBLE_DEVICES=gpus[i]``
+    Worker i is tagged i and, with ``gpus``, gets ``CUDA_VISIBLE_DEVICES=gpus[i]``
     (round robin); ``worker_args`` are passed on to each. The study is created (and its starting
     points enqueued) once, before they start.
     Returns the worst exit code.

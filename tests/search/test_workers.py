@@ -10,7 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from microsearch.cli import main
-from microsearch.search import load_study, open_storage
+from microsearch.search import load_study, open_storage, open_study
 
 POSTGRES = os.environ.get("MICROSEARCH_TEST_POSTGRES")
 
@@ -140,3 +140,31 @@ def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path):
     assert len(failed) == 2, [(t.number, t.state.name) for t in trials]  # the interrupted trials are marked...
     assert sorted(t.system_attrs["failed_trial"] for t in queued) == sorted(t.number for t in failed)
     assert {str(t.params) for t in queued} == {str(t.params) for t in failed}  # ...and queued again
+
+
+def test_workers_share_a_gpu_on_a_journal_file_and_sqlite_is_refused(tiny_study, tmp_path, capsys):
+    path = tiny_study()
+    sqlite = ["--storage", f"sqlite:///{tmp_path / 'k.db'}"]
+    assert main(["launch", str(path), "--gpus", "0", "--workers-per-gpu", "2", *sqlite]) == 2
+    assert "2 workers cannot share the SQLite file" in capsys.readouterr().err
+    assert main(["launch", str(path), "--workers-per-gpu", "2"]) == 2
+    assert "--workers-per-gpu needs --gpus" in capsys.readouterr().err
+    url = f"journal:{tmp_path / 'k.log'}"
+    code = main(["launch", str(path), "--gpus", "0", "--workers-per-gpu", "2", "--n-trials", "2", "--storage", url])
+    assert code == 0
+    trials = open_study(load_study(path), url).get_trials()
+    assert len(trials) == 4  # 2 workers x 2 trials, none lost
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # no parameter set run twice
+
+
+def test_running_the_same_search_twice_never_repeats_a_parameter_set(tiny_study, tmp_path):
+    path = tiny_study()
+    url = f"sqlite:///{tmp_path / 'twice.db'}"
+    for _ in range(2):  # a resume, or a second identical worker started later
+        assert main(["search", str(path), "--storage", url, "--n-trials", "2"]) == 0
+    trials = open_study(load_study(path), url).get_trials()
+    assert len(trials) == 4
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
+    seeds = {t.user_attrs["sampler_seed"] for t in trials}
+    assert len(seeds) == 2  # one fresh seed per process, recorded with each trial
