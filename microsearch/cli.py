@@ -3,7 +3,9 @@
 import argparse
 import ast
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -31,6 +33,7 @@ from microsearch.evaluation.train import (
     COMPILE,
     PRECISIONS,
     RECIPES,
+    STOP,
     EpochStats,
     TrainConfig,
     device_name,
@@ -324,6 +327,22 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from microsearch.search import load_study
+    from microsearch.search.campaign import campaign
+
+    study = load_study(args.study, _study_overrides(args))
+    summary = campaign(study, args.out, args.hours, args.storage, args.top, args.retrain_epochs, log=_log)
+    final = summary["final"]
+    test = "not measured (no test split)" if final["test_acc"] is None else f"{final['test_acc']:.2%}"
+    print(
+        f"campaign {study.name}: {summary['trials_finished']} trials; final model trial {final['trial']}: "
+        f"validation {final['val_acc']:.2%}, test {test}, score {final['score']:.5f}\n"
+        f"wrote {Path(args.out)}/final/, report/, pareto.html, summary.json"
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from microsearch.search import load_study, open_study, write_report
 
@@ -396,6 +415,15 @@ def _build_launch(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--n-trials", type=int, help="trials per worker")
     p.add_argument("--timeout", type=float, help="seconds per worker")
+
+
+def _build_campaign(p: argparse.ArgumentParser) -> None:
+    _add_study_args(p)
+    _add_speed_args(p, default=None)
+    p.add_argument("--out", required=True, help="the campaign folder (re-run the same command to resume)")
+    p.add_argument("--hours", type=float, help="search time budget (default: the study's trial count only)")
+    p.add_argument("--top", type=int, default=3, help="best trials retrained as final candidates")
+    p.add_argument("--retrain-epochs", type=int, help="training epochs of the candidates (default: a trial's)")
 
 
 def _build_pareto(p: argparse.ArgumentParser) -> None:
@@ -517,6 +545,11 @@ COMMANDS: dict[str, tuple[str, Builder, Runner]] = {
         cmd_retrain,
     ),
     "report": ("write the study report (HTML and markdown)", _build_report, cmd_report),
+    "campaign": (
+        "search, retrain the best trials, choose, test once, report: resumable",
+        _build_campaign,
+        cmd_campaign,
+    ),
 }
 
 
@@ -531,8 +564,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop(signum: int, frame) -> None:
+    STOP.set()  # the training loop also checks this, in case the interrupt below is swallowed
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    STOP.clear()
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C and SIGTERM (what schedulers and containers send) both stop cleanly.
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

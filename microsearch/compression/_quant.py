@@ -355,8 +355,11 @@ def learned_quantizers(model: nn.Module) -> list[Quantizer]:
 def calibrate_(model: nn.Module, x: torch.Tensor) -> None:
     """Initialise every quantizer's step size (and sign) from one batch, eagerly; a model is
     calibrated before ``torch.compile`` so that the compiled graph has no data-dependent branch."""
-    if any(q.enabled and q._levels is None for q in learned_quantizers(model)):
+    waiting = [q for q in learned_quantizers(model) if q.enabled and q._levels is None]
+    if any(not bool(q.initialized) for q in waiting):
         model(x)
+    for q in waiting:  # loaded from a file: the buffers already hold sign and step
+        q._levels = q.levels()
 
 
 def calibrated(model: nn.Module) -> bool:

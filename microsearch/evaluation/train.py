@@ -11,10 +11,12 @@ import copy
 import math
 import platform
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,10 @@ COMPILE = ("auto", "on", "off")
 # at least this many steps.
 COMPILE_MIN_STEPS = 300
 PROGRESS_SECONDS = 2.0  # between two ``on_progress`` calls
+# Set by the command line's SIGINT / SIGTERM handler. The KeyboardInterrupt that handler raises can
+# land in a weakref callback (torch.compile keeps many), where Python swallows it; the loop checks
+# this flag every step, so a stop request is never lost.
+STOP = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -267,11 +273,14 @@ def train(
     config: TrainConfig,
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> list[EpochStats]:
     """Train ``model`` in place on ``data.train``, validating on ``data.val`` after every epoch.
 
     ``on_epoch`` sees each epoch's stats; it may raise to stop training (a search pruner does).
-    ``on_progress`` is called every few seconds inside an epoch.
+    ``on_progress`` is called every few seconds inside an epoch. With ``checkpoint``, the run's
+    whole state (weights, optimizer, EMA, data order, random state) is written there after every
+    epoch, and a run that finds the file resumes after its last epoch instead of starting again.
     Example: ``history = train(model, load_data(DataConfig()), TrainConfig(epochs=3))``.
     """
     device = resolve_device(config.device)
@@ -312,17 +321,53 @@ def train(
             calibrate_(model, loader.images[: config.batch_size])
         return _compiled(model, compile_on)
 
-    step, start, history = 0, time.perf_counter(), []
-    for epoch in range(1, config.epochs + 1):
-        new_phase = epoch == 1 or epoch == float_epochs + 1
+    step, start, history, first, saved = 0, time.perf_counter(), [], 1, None
+    if checkpoint is not None and Path(checkpoint).is_file():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        if saved["done"]:
+            return [EpochStats(**h) for h in saved["history"]]
+        optimizer.load_state_dict(saved["optimizer"])
+        loader.gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["rng"])
+        loader.epoch, step, float_epochs = saved["epoch"], saved["step"], saved["float_epochs"]
+        history = [EpochStats(**h) for h in saved["history"]]
+        first, start = saved["epoch"] + 1, start - history[-1].seconds
+
+    def save(done: bool = False) -> None:
+        state = {
+            "done": done,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": loader.gen.get_state(),
+            "rng": torch.get_rng_state(),
+            "epoch": epoch,
+            "step": step,
+            "float_epochs": float_epochs,
+            "history": [asdict(h) for h in history],
+            "ema": ema.model.state_dict() if ema else None,
+        }
+        tmp = Path(f"{checkpoint}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(checkpoint)
+
+    epoch, ema = first - 1, None
+    if saved and saved["ema"] and first > config.epochs:  # stopped between the last epoch and the end
+        model.load_state_dict(saved["ema"])
+    for epoch in range(first, config.epochs + 1):
+        new_phase = epoch in (first, float_epochs + 1)
         if new_phase:
             step_model = start_phase(quantized=epoch > float_epochs)
             ema = _EMA(model, recipe.ema_halflife * len(loader)) if recipe.ema_halflife else None
+            if ema and saved and saved["ema"] and epoch == first != float_epochs + 1:
+                ema.model.load_state_dict(saved["ema"])  # resumed inside a phase: its average goes on
         model.train()
         epoch_start = last_report = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         for i, (x, y) in enumerate(loader):
+            if STOP.is_set():
+                raise KeyboardInterrupt
             lr = lr_at(step, total, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -377,10 +422,14 @@ def train(
             compile_seconds=compile_seconds,
         )
         history.append(stats)
+        if checkpoint is not None:
+            save()
         if on_epoch:
             on_epoch(stats)
     if ema:
         model.load_state_dict(ema.model.state_dict())
+    if checkpoint is not None:
+        save(done=True)
     for hook in hooks:
         hook.remove()
     return history

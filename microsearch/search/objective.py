@@ -59,14 +59,18 @@ def train_and_compress(
     data: Dataset,
     on_epoch: EpochHook = None,
     on_finetune_epoch: EpochHook = None,
+    checkpoints: Path | None = None,
 ) -> nn.Module:
     """Build the planned model, train it quantization-aware, remove filters, zero weights,
-    fine-tune with the masks fixed and make the pruning permanent."""
+    fine-tune with the masks fixed and make the pruning permanent. With ``checkpoints`` (a
+    folder), both trainings resume after their last finished epoch; pruning is deterministic."""
     device = resolve_device(plan.train.device)
     torch.manual_seed(plan.train.seed)
     model = create_model(MODEL, **plan.model)
     quantize_(model, plan.quant)
-    train(model, data, plan.train, on_epoch=on_epoch)
+    if checkpoints is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+    train(model, data, plan.train, on_epoch=on_epoch, checkpoint=checkpoints and checkpoints / "train.pt")
     if any(plan.filters.values()):
         model = FILTER_PRUNERS[study.compression.structured](model, plan.filters, data, device)
     if plan.sparsity:
@@ -74,7 +78,7 @@ def train_and_compress(
     budget = study.budget
     if budget.finetune_epochs:
         tune = replace(plan.train, epochs=budget.finetune_epochs, lr=budget.finetune_lr, warmup=0.0)
-        train(model, data, tune, on_epoch=on_finetune_epoch)
+        train(model, data, tune, on_epoch=on_finetune_epoch, checkpoint=checkpoints and checkpoints / "finetune.pt")
     make_permanent_(model)
     return model
 

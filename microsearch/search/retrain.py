@@ -9,11 +9,12 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import FixedTrial
+from torch import nn
 
 from microsearch import code_version
 from microsearch.checkpoint import save_model
 from microsearch.evaluation import audit
-from microsearch.evaluation.data import load_data
+from microsearch.evaluation.data import Dataset, load_data
 from microsearch.evaluation.train import (
     EpochStats,
     device_name,
@@ -56,11 +57,29 @@ def retrain(
     """Rebuild a trial's plan, train it on train + validation images, compress it, test it once
     (where the source has a test split), and write ``out/model.pt``, ``out/model_card.json`` and
     ``out/model_card.md``."""
-    start = time.perf_counter()
     trial = pick_trial(open_study(study, storage_url), which)
     data = load_data(replace(study.data, val_size=0))  # model selection is over: use every image
     if data.test is None:
         log(f"{study.data.source} has no test split: the card will say how to measure test accuracy")
+    model, card = train_trial(study, trial, data, Path(out), epochs, log)
+    test_once(model, card, data)
+    write_model(Path(out), model, card)
+    return card
+
+
+def train_trial(
+    study: StudyConfig,
+    trial: optuna.trial.FrozenTrial,
+    data: Dataset,
+    out: Path,
+    epochs: int | None = None,
+    log: Callable[[str], None] = print,
+    checkpoints: Path | None = None,
+) -> tuple[nn.Module, dict]:
+    """Train and compress a trial's exact plan on ``data.train`` (``epochs`` overrides its training
+    budget), validate it on ``data.val`` if there is one, audit it; returns the model and its card
+    (test accuracy not measured yet). With ``checkpoints``, an interrupted run resumes."""
+    start = time.perf_counter()
     plan = suggest(FixedTrial(trial.params), study)
     if epochs is not None:
         if epochs < 1:
@@ -74,19 +93,18 @@ def retrain(
             done = s.epoch + offset
             log(
                 f"[retrain trial {trial.number}] epoch {done}/{total}  loss {s.train_loss:.3f}  "
-                f"train {s.train_acc:.1%}  {s.seconds:.0f}s"
+                f"train {s.train_acc:.1%}  val {s.val_acc:.1%}  {s.seconds:.0f}s"
             )
 
         return show
 
-    log(f"retraining trial {trial.number} on {len(data.train)} images for {total} epochs")
-    model = train_and_compress(plan, study, data, progress(0), progress(plan.train.epochs))
+    log(f"training trial {trial.number} on {len(data.train)} images for {total} epochs")
+    model = train_and_compress(plan, study, data, progress(0), progress(plan.train.epochs), checkpoints)
     passes = 2 if plan.train.tta else 1
-    test_acc = None
-    if data.test is not None:
-        test_acc = evaluate(model, data.test, device, plan.train.tta, plan.train.precision).accuracy
+    val_acc = (
+        evaluate(model, data.val, device, plan.train.tta, plan.train.precision).accuracy if len(data.val) else None
+    )
     score = audit(model, rule=study.rule, passes=passes)
-    out = Path(out)
     tta = " --tta" if plan.train.tta else ""
     card = {
         "study": study.name,
@@ -101,9 +119,11 @@ def retrain(
         "data": {
             "source": study.data.source,
             "train_images": len(data.train),
+            "val_images": len(data.val),
             "test_images": 0 if data.test is None else len(data.test),
         },
-        "test_acc": test_acc,
+        "val_acc": val_acc,
+        "test_acc": None,
         # How to measure it where the source had no test split: the same images' test split.
         "test_command": f"microsearch evaluate {out / 'model.pt'} --data SOURCE --split test{tta}",
         "passes": passes,
@@ -115,10 +135,22 @@ def retrain(
         "version": code_version(),
         "command": " ".join(["microsearch", *sys.argv[1:]]),
     }
+    return model, card
+
+
+def test_once(model: nn.Module, card: dict, data: Dataset) -> None:
+    """The one evaluation on the test split (where the source has one), into the card."""
+    if data.test is not None:
+        plan = card["plan"]["train"]
+        device = resolve_device(plan["device"])
+        card["test_acc"] = evaluate(model, data.test, device, plan["tta"], plan["precision"]).accuracy
+
+
+def write_model(out: Path, model: nn.Module, card: dict) -> None:
+    """``out/model.pt`` (with the card as its metadata), ``model_card.json`` and ``model_card.md``."""
     save_model(out / "model.pt", model.cpu(), {k: v for k, v in card.items() if k != "audit"})
     (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "model_card.md").write_text(model_card_markdown(card))
-    return card
 
 
 def test_accuracy(card: dict) -> str:
@@ -136,10 +168,15 @@ def model_card_markdown(card: dict) -> str:
     hp = "\n".join(
         f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in card["hyperparameters"].items()
     )
+    val = card.get("val_acc")
+    val_row = (
+        "" if val is None else f"| validation accuracy | {val:.2%} ({card['data']['val_images']:,} held-out images) |\n"
+    )
     return (
         f"# Model card: {card['study']} trial {card['trial']}\n\n"
         f"| | |\n|---|---|\n"
         f"| test accuracy | {test_accuracy(card)} |\n"
+        f"{val_row}"
         f"| score ({card['rule']}) | {a['score']:.5f} = params {a['param_term']:.5f} + ops {a['ops_term']:.5f} |\n"
         f"| parameters | {a['raw_params']:,} ({a['nonzero_params']:,} nonzero) |\n"
         f"| operations | {a['raw_ops']:,} |\n"

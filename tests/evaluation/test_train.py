@@ -187,3 +187,36 @@ def test_ema_weights_are_a_smoothed_copy_that_ends_in_the_model():
     for step in range(100, 103):
         ema.update(step)
     torch.testing.assert_close(ema.model.weight, torch.full((2, 2), 1 - 0.5**3))
+
+
+class _StopAfter(Exception):
+    pass
+
+
+@pytest.mark.parametrize("recipe", ["baseline", "fast"])
+def test_a_checkpointed_run_resumes_where_it_stopped_and_ends_identically(small_data, tmp_path, recipe):
+    config = TrainConfig(epochs=4, batch_size=64, lr=0.1, recipe=recipe, precision="fp32")
+    torch.manual_seed(0)
+    whole = _quantized(4)
+    reference = train(whole, small_data, config)
+
+    def stop_at_3(stats):
+        if stats.epoch == 3:
+            raise _StopAfter
+
+    torch.manual_seed(0)
+    interrupted = _quantized(4)
+    with pytest.raises(_StopAfter):
+        train(interrupted, small_data, config, on_epoch=stop_at_3, checkpoint=tmp_path / "run.pt")
+    torch.manual_seed(0)
+    resumed = _quantized(4)  # a new process: a fresh model, the checkpoint file
+    seen = []
+    history = train(resumed, small_data, config, on_epoch=seen.append, checkpoint=tmp_path / "run.pt")
+    assert [s.epoch for s in seen] == [4]  # epochs 1-3 were not trained again
+    assert [h.epoch for h in history] == [1, 2, 3, 4]
+    assert history[-1].val_acc == pytest.approx(reference[-1].val_acc, abs=0.01)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=name)
+    again = train(_quantized(4), small_data, config, checkpoint=tmp_path / "run.pt")
+    assert len(again) == 4  # a finished run is not trained again

@@ -131,10 +131,11 @@ def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path):
     assert len(running) == 2, "both workers should be training"
     launcher.send_signal(signal.SIGINT)  # the launcher alone: it must pass the interrupt on
     assert launcher.wait(timeout=60) == 130, launcher.stderr.read()
+    stderr = launcher.stderr.read()
     with pytest.raises(ProcessLookupError):  # no worker left in the launcher's process group
         os.killpg(launcher.pid, 0)
     trials = optuna.load_study(study_name=study.name, storage=storage).get_trials()
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert not [t for t in trials if t.state == TrialState.RUNNING], stderr
     failed = [t for t in trials if t.state == TrialState.FAIL]
     queued = [t for t in trials if t.state == TrialState.WAITING]
     assert len(failed) == 2, [(t.number, t.state.name) for t in trials]  # the interrupted trials are marked...

@@ -1,0 +1,202 @@
+"""The whole job in one resumable command: search -> candidates -> final model -> test -> report.
+
+Each stage writes into the campaign folder and is skipped when its output is there, so running the
+same command again after a crash, a Ctrl-C or the end of a session goes on where it stopped:
+finished trials live in the study's storage inside the folder, a candidate being retrained resumes
+after its last finished epoch, and the time budget counts the trials already run.
+
+    DIR/study.db (or study.log)   the study: SQLite, or a journal file when several GPUs share it
+    DIR/candidates/trial-N/       the K best trials retrained, validation images held out
+    DIR/final/                    the chosen candidate, tested once: model.pt, model_card.{json,md}
+    DIR/pareto.html, DIR/report/  the accuracy-vs-score figure and the report
+    DIR/summary.json              trials, time, throughput, device, precision, best and final numbers
+"""
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from microsearch.checkpoint import load_model
+from microsearch.evaluation.data import load_data
+from microsearch.search.pareto import save_pareto
+from microsearch.search.pruner import is_feasible
+from microsearch.search.report import write_report
+from microsearch.search.retrain import test_once, train_trial, write_model
+from microsearch.search.run import best_feasible, open_study, run_worker
+from microsearch.search.study import StudyConfig
+from microsearch.search.workers import launch
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _trial_seconds(trial: optuna.trial.FrozenTrial) -> float:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return 0.0
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
+def storage_for(out: Path, gpus: int) -> str:
+    """The campaign's own storage: SQLite for one worker, a journal file for several."""
+    return f"journal:{out / 'study.log'}" if gpus > 1 else f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def search_stage(study: StudyConfig, storage: str, hours: float | None, log: Callable[[str], None]) -> optuna.Study:
+    """Run trials until the study has ``[budget] trials`` finished ones or the trials have used
+    ``hours`` (counted from the storage, so a resumed campaign spends only what is left)."""
+    optuna_study = open_study(study, storage)
+    trials = optuna_study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in _FINISHED]
+    left_trials = study.budget.trials - len(finished)
+    spent = sum(_trial_seconds(t) for t in trials)
+    left_seconds = None if hours is None else hours * 3600 - spent
+    log(
+        f"[campaign] search: {len(finished)}/{study.budget.trials} trials finished, {spent:.0f}s spent"
+        + ("" if left_seconds is None else f", {max(0.0, left_seconds):.0f}s left")
+    )
+    if left_trials <= 0 or (left_seconds is not None and left_seconds <= 0):
+        return optuna_study
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        args = ["--n-trials", str(math.ceil(left_trials / gpus))]
+        if left_seconds is not None:
+            args += ["--timeout", str(left_seconds)]
+        launch(study, gpus, [str(g) for g in range(gpus)], storage, ["--storage", storage, *args])
+        return open_study(study, storage)
+    return run_worker(study, storage, n_trials=left_trials, timeout=left_seconds, log=log)
+
+
+def pick_candidates(optuna_study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``top`` lowest-score feasible trials; with none feasible, the most accurate ones."""
+    complete = [t for t in optuna_study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    feasible = sorted((t for t in complete if is_feasible(t)), key=lambda t: t.value)
+    if feasible:
+        return feasible[:top]
+    return sorted(complete, key=lambda t: -t.user_attrs["val_acc"])[:top]
+
+
+def candidate_stage(
+    study: StudyConfig,
+    trials: list[optuna.trial.FrozenTrial],
+    out: Path,
+    epochs: int | None,
+    log: Callable[[str], None],
+) -> list[dict]:
+    """Retrain each candidate with the validation images held out (resumable); their cards."""
+    data = load_data(study.data)
+    cards = []
+    for trial in trials:
+        folder = out / "candidates" / f"trial-{trial.number}"
+        card_file = folder / "model_card.json"
+        if not card_file.is_file():
+            checkpoints = folder / "checkpoints"
+            if checkpoints.is_dir():
+                log(f"[campaign] candidate trial {trial.number}: resuming from its checkpoints")
+            model, card = train_trial(study, trial, data, folder, epochs, log, checkpoints)
+            write_model(folder, model, card)
+            shutil.rmtree(checkpoints)
+        cards.append(json.loads(card_file.read_text()))
+    return cards
+
+
+def choose(cards: list[dict], target: float) -> dict:
+    """The lowest-score candidate at or above the target on validation; else the most accurate."""
+    reaching = [c for c in cards if c["val_acc"] is not None and c["val_acc"] >= target]
+    if reaching:
+        return min(reaching, key=lambda c: c["audit"]["score"])
+    return max(cards, key=lambda c: c["val_acc"] or 0.0)
+
+
+def final_stage(study: StudyConfig, chosen: dict, out: Path) -> dict:
+    """Copy the chosen candidate to ``out/final`` and test it once (where the source has a test
+    split); the test split is read here and nowhere else."""
+    final = out / "final"
+    card_file = final / "model_card.json"
+    if card_file.is_file():
+        return json.loads(card_file.read_text())
+    source = out / "candidates" / f"trial-{chosen['trial']}"
+    model, _ = load_model(source / "model.pt")
+    card = {**chosen, "test_command": chosen["test_command"].replace(str(source), str(final))}
+    test_once(model, card, load_data(study.data))
+    final.mkdir(parents=True, exist_ok=True)
+    write_model(final, model, card)
+    return card
+
+
+def summarize(optuna_study: optuna.Study, study: StudyConfig, final: dict, hours: float | None) -> dict:
+    trials = optuna_study.get_trials(deepcopy=False)
+    states = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    seconds = sum(_trial_seconds(t) for t in trials)
+    finished = [t for t in trials if t.state in _FINISHED]
+    speeds = [t.user_attrs["history"][-1]["images_per_second"] for t in finished if t.user_attrs.get("history")]
+    best = best_feasible(optuna_study)
+    return {
+        "study": study.name,
+        "data": study.data.source,
+        "target": study.target,
+        "rule": study.rule,
+        "hours_budget": hours,
+        "trials": states,
+        "trials_finished": len(finished),
+        "search_seconds": seconds,
+        "trials_per_hour": len(finished) / seconds * 3600 if seconds else None,
+        "seconds_per_trial": seconds / len(finished) if finished else None,
+        "images_per_second": sum(speeds) / len(speeds) if speeds else None,
+        "device": final["device"],
+        "precision": final["precision"],
+        "best_feasible_trial": None if best is None else best.number,
+        "best_feasible_score": None if best is None else best.value,
+        "final": {
+            "trial": final["trial"],
+            "val_acc": final["val_acc"],
+            "test_acc": final["test_acc"],
+            "score": final["audit"]["score"],
+            "param_term": final["audit"]["param_term"],
+            "ops_term": final["audit"]["ops_term"],
+            "reaches_target": final["val_acc"] is not None and final["val_acc"] >= study.target,
+        },
+    }
+
+
+def campaign(
+    study: StudyConfig,
+    out: str | Path,
+    hours: float | None = None,
+    storage: str | None = None,
+    top: int = 3,
+    retrain_epochs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Search, retrain the ``top`` best trials, choose on validation, test once, report.
+
+    Example: ``campaign(load_study("studies/smoke.toml"), "runs/smoke", hours=0.1)``.
+    """
+    if top < 1:
+        raise ValueError(f"--top must be >= 1, got {top}")
+    if hours is not None and hours <= 0:
+        raise ValueError(f"--hours must be > 0, got {hours}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    storage = storage or storage_for(out, torch.cuda.device_count())
+    optuna_study = search_stage(study, storage, hours, log)
+    candidates = pick_candidates(optuna_study, top)
+    if not candidates:
+        raise RuntimeError("no trial completed: nothing to retrain (run the campaign longer)")
+    log(f"[campaign] candidates: trials {', '.join(str(t.number) for t in candidates)}")
+    cards = candidate_stage(study, candidates, out, retrain_epochs, log)
+    chosen = choose(cards, study.target)
+    log(f"[campaign] chosen: trial {chosen['trial']} (validation {chosen['val_acc']:.2%})")
+    final = final_stage(study, chosen, out)
+    save_pareto(optuna_study, study.target, out / "pareto.html")
+    write_report(study, optuna_study, out / "report", None, out / "final")
+    summary = summarize(optuna_study, study, final, hours)
+    summary["campaign_seconds_this_run"] = time.perf_counter() - started
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

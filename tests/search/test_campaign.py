@@ -1,0 +1,72 @@
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from microsearch.cli import main
+from microsearch.search import load_study, open_study
+
+
+def test_an_interrupted_campaign_resumes_without_repeating_a_trial_or_an_epoch(tiny_study, tmp_path, capsys):
+    path = tiny_study(images=1000, epochs=3)
+    out = tmp_path / "campaign"
+    argv = ["campaign", str(path), "--out", str(out), "--top", "2", "--retrain-epochs", "6"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "microsearch", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    checkpoint = None
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:  # wait for a candidate two epochs in
+        found = list(out.glob("candidates/trial-*/checkpoints/train.pt"))
+        if found:
+            try:
+                if torch.load(found[0], weights_only=True)["epoch"] >= 2:
+                    checkpoint = found[0]
+                    break
+            except (RuntimeError, EOFError, KeyError):
+                pass  # being written
+        time.sleep(0.2)
+    assert checkpoint is not None, proc.stderr.read() if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read()
+    study = load_study(path)
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    before = open_study(study, storage).get_trials()
+    assert len(before) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in before)  # search done
+    stopped_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    trial = int(checkpoint.parent.parent.name.removeprefix("trial-"))
+
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"candidate trial {trial}: resuming from its checkpoints" in err
+    epochs = [int(e) for e in re.findall(rf"\[retrain trial {trial}\] epoch (\d+)/6", err)]
+    assert epochs == list(range(stopped_at + 1, 7))  # no finished epoch trained again
+    after = open_study(study, storage).get_trials()
+    assert [(t.number, t.params) for t in after] == [(t.number, t.params) for t in before]  # no new trial
+
+    for name in ("final/model.pt", "final/model_card.json", "final/model_card.md", "pareto.html",
+                 "report/report.html", "report/report.md", "summary.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert not list(out.glob("candidates/*/checkpoints"))  # cleaned up once a candidate is done
+    card = json.loads((out / "final/model_card.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert main(["score", str(out / "final/model.pt"), "--json"]) == 0
+    rescored = json.loads(capsys.readouterr().out)
+    assert rescored["score"] == pytest.approx(card["audit"]["score"], rel=1e-9)
+    assert summary["final"]["score"] == card["audit"]["score"] and summary["final"]["trial"] == card["trial"]
+    assert summary["trials_finished"] == 2 and card["test_acc"] is not None  # synthetic data has a test split
+    candidates = [json.loads(p.read_text()) for p in out.glob("candidates/*/model_card.json")]
+    feasible = sorted((t for t in after if t.state.name == "COMPLETE" and t.user_attrs["val_acc"] >= study.target),
+                      key=lambda t: t.value)  # fmt: skip
+    assert feasible, "the tiny study should have a feasible trial"
+    assert sorted(c["trial"] for c in candidates) == sorted(t.number for t in feasible[:2])  # lowest scores
+    assert card["trial"] in {c["trial"] for c in candidates}
+    assert all(c["test_acc"] is None for c in candidates)  # only the final model saw the test split
+
+    assert main(argv) == 0  # a finished campaign: every stage is skipped
+    assert "[retrain trial" not in capsys.readouterr().err
