@@ -113,6 +113,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-recipes", action="store_true", help="only measure speed")
+    p.add_argument("--skip-speed", action="store_true", help="only compare the recipes")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     device = resolve_device(args.device)
@@ -134,9 +135,10 @@ def main() -> None:
             f.write("\n")
 
     speed_data = load_data(DataConfig(f"synthetic:{args.speed_images + 512}", val_size=512))
-    result["plain_bf16_loop_images_per_second"] = plain_loop(device, args.batch_size, 20)
-    print(f"plain bf16 + channels_last loop: {result['plain_bf16_loop_images_per_second']:.0f} img/s", flush=True)
-    for quantized in (False, True):
+    if not args.skip_speed:
+        result["plain_bf16_loop_images_per_second"] = plain_loop(device, args.batch_size, 20)
+        print(f"plain bf16 + channels_last loop: {result['plain_bf16_loop_images_per_second']:.0f} img/s", flush=True)
+    for quantized in () if args.skip_speed else (False, True):
         for precision in ("fp32", "auto"):
             for compiled in ("off", "on"):
                 config = TrainConfig(

@@ -175,6 +175,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     trained_on = meta.get("data", {})
     # The validation split is the one the model was selected on (same size and seed).
     val_size = trained_on.get("val_size", 5000) if args.split == "val" else 0
+    if args.split == "val" and val_size == 0:
+        raise ValueError(f"{args.checkpoint} was trained on every training image: no validation images are left")
     data_config = DataConfig(args.data, val_size=val_size, seed=trained_on.get("seed", 0))
     data = load_data(data_config)
     classes = model.config.num_classes
@@ -183,8 +185,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     split = data.test if args.split == "test" else data.val
     if split is None:
         raise ValueError(f"{args.data} has no test split; use --split val, or a source with test images")
-    if args.split == "val" and trained_on.get("val_size", 5000) == 0:
-        _log("warning: this model was trained on every training image, validation images included")
     device = resolve_device(args.device)
     result = evaluate(model, split, device, args.tta, args.precision)
     score = audit(model.cpu(), rule=meta.get("rule", "lab4"), passes=result.passes)

@@ -118,6 +118,8 @@ def train_trial(
         "hyperparameters": trial.params,
         "data": {
             "source": study.data.source,
+            "val_size": len(data.val),  # with ``seed``: the held-out split ``microsearch evaluate`` rebuilds
+            "seed": study.data.seed,
             "train_images": len(data.train),
             "val_images": len(data.val),
             "test_images": 0 if data.test is None else len(data.test),

@@ -150,3 +150,5 @@ blocks = ["basic"]
     assert main(["evaluate", str(out / "model.pt"), "--data", source, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 30 and result["score"] == pytest.approx(card["audit"]["score"])
+    assert main(["evaluate", str(out / "model.pt"), "--data", source, "--split", "val"]) == 2
+    assert "trained on every training image" in capsys.readouterr().err
