@@ -236,7 +236,10 @@ class _EMA:
     """An exponential moving average of a model's floating-point parameters and buffers."""
 
     def __init__(self, model: nn.Module, halflife_steps: float) -> None:
-        self.model = copy.deepcopy(model)
+        # A pruned layer's ``weight`` is computed (weight_orig * weight_mask) and cannot be deep-copied;
+        # the copy leaves it out and the pruning hook recomputes it on the copy's first forward.
+        computed = {id(m.weight): None for m in model.modules() if hasattr(m, "weight_mask")}
+        self.model = copy.deepcopy(model, memo=computed)
         self.decay = 0.5 ** (1 / halflife_steps)
         pairs = zip(self.model.state_dict().values(), model.state_dict().values())
         self.pairs = [(e, m) for e, m in pairs if m.is_floating_point()]

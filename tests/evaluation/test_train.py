@@ -220,3 +220,17 @@ def test_a_checkpointed_run_resumes_where_it_stopped_and_ends_identically(small_
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=name)
     again = train(_quantized(4), small_data, config, checkpoint=tmp_path / "run.pt")
     assert len(again) == 4  # a finished run is not trained again
+
+
+def test_the_fast_recipe_fine_tunes_a_pruned_model(small_data):
+    from microsearch.compression import make_permanent_, prune_layers_
+
+    model = _quantized(4)
+    train(model, small_data, TrainConfig(epochs=1, batch_size=64))
+    prune_layers_(model, 0.5)  # masks on: every weight is weight_orig * weight_mask
+    history = train(model, small_data, TrainConfig(epochs=2, batch_size=64, recipe="fast"))
+    assert len(history) == 2 and math.isfinite(history[-1].train_loss)
+    make_permanent_(model)
+    zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.Conv2d))
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert zeros / total == pytest.approx(0.5, abs=0.01)  # the EMA weights kept the pruned zeros
