@@ -134,7 +134,8 @@ def summarize(optuna_study: optuna.Study, study: StudyConfig, final: dict, hours
     states = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     seconds = sum(_trial_seconds(t) for t in trials)
     finished = [t for t in trials if t.state in _FINISHED]
-    speeds = [t.user_attrs["history"][-1]["images_per_second"] for t in finished if t.user_attrs.get("history")]
+    # The median epoch: the steady state (first epochs and fine-tuning epochs include compilation).
+    speeds = sorted(h["images_per_second"] for t in finished for h in t.user_attrs.get("history", []))
     best = best_feasible(optuna_study)
     return {
         "study": study.name,
@@ -147,7 +148,7 @@ def summarize(optuna_study: optuna.Study, study: StudyConfig, final: dict, hours
         "search_seconds": seconds,
         "trials_per_hour": len(finished) / seconds * 3600 if seconds else None,
         "seconds_per_trial": seconds / len(finished) if finished else None,
-        "images_per_second": sum(speeds) / len(speeds) if speeds else None,
+        "images_per_second": speeds[len(speeds) // 2] if speeds else None,
         "device": final["device"],
         "precision": final["precision"],
         "best_feasible_trial": None if best is None else best.number,
