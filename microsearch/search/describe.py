@@ -1,6 +1,22 @@
 """The methodology of a study in words and tables: the dashboard note and the report share it."""
 
+from microsearch.evaluation.train import RECIPES
 from microsearch.search.study import StudyConfig
+
+
+def recipe_text(name: str) -> str:
+    """What a training recipe adds to the plain loop, in words, from its definition."""
+    r = RECIPES[name]
+    parts = []
+    if r.ema_halflife:
+        parts.append(f"an EMA of the weights (half-life {r.ema_halflife} epochs, validated and kept)")
+    if r.pad_mode == "reflect":
+        parts.append("reflect-padded translation")
+    if r.alternate_flip:
+        parts.append("alternating flip")
+    if r.float_warmup:
+        parts.append(f"the first {r.float_warmup:.0%} of the epochs in float, then quantizers from the trained weights")
+    return f"recipe {name}" + (": " + ", ".join(parts) if parts else " (nothing more)") + "."
 
 
 def goal(study: StudyConfig) -> str:
@@ -44,7 +60,9 @@ def recipe(study: StudyConfig) -> str:
         f"Each trial builds a CIFAR ResNet with quantization-aware layers (LSQ step sizes, straight-through "
         f"estimator; biases and BatchNorm at 16 bits) and trains it for {b.epochs} epochs: SGD with Nesterov "
         f"momentum, one-cycle learning rate, batch {b.batch_size}, random crop (padding 4) and horizontal flip, "
-        f"plus the sampled cutout, mixup and label smoothing. It then removes filters ({c.structured}), zeroes "
+        f"plus the sampled cutout, mixup and label smoothing; {recipe_text(b.recipe)} Training runs at the "
+        f"{study.precision} precision (auto: bf16 where the hardware runs it natively; quantized layers are "
+        f"exact in either). It then removes filters ({c.structured}), zeroes "
         f"the smallest weights per layer ({c.unstructured}), fine-tunes {b.finetune_epochs} epochs at learning "
         f"rate {b.finetune_lr} with the masks fixed, and is audited layer by layer. Trials report validation "
         f"error every epoch; a target-aware pruner stops a trial whose accuracy falls more than {p.margin} "

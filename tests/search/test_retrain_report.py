@@ -34,6 +34,7 @@ def test_completed_trials_carry_feasibility_notes_and_model_files(searched):
         assert meta["trial"] == t.number and meta["score"] == pytest.approx(t.value)
     note = get_note(optuna_study)
     assert "Minimise the audited compression score" in note
+    assert "recipe baseline (nothing more). Training runs at the auto precision" in note
     assert f"Best feasible trial so far: {optuna_study.best_trial.number}**" in note
     assert optuna_study.metric_names == ["score"]
 
