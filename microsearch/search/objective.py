@@ -27,6 +27,7 @@ from microsearch.evaluation.train import (
     device_name,
     evaluate,
     precision_name,
+    print_progress,
     resolve_device,
     resolve_precision,
     train,
@@ -70,7 +71,8 @@ def train_and_compress(
     quantize_(model, plan.quant)
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
-    train(model, data, plan.train, on_epoch=on_epoch, checkpoint=checkpoints and checkpoints / "train.pt")
+    checkpoint = checkpoints and checkpoints / "train.pt"
+    train(model, data, plan.train, on_epoch=on_epoch, on_progress=print_progress, checkpoint=checkpoint)
     if any(plan.filters.values()):
         model = FILTER_PRUNERS[study.compression.structured](model, plan.filters, data, device)
     if plan.sparsity:
@@ -78,7 +80,8 @@ def train_and_compress(
     budget = study.budget
     if budget.finetune_epochs:
         tune = replace(plan.train, epochs=budget.finetune_epochs, lr=budget.finetune_lr, warmup=0.0)
-        train(model, data, tune, on_epoch=on_finetune_epoch, checkpoint=checkpoints and checkpoints / "finetune.pt")
+        checkpoint = checkpoints and checkpoints / "finetune.pt"
+        train(model, data, tune, on_epoch=on_finetune_epoch, on_progress=print_progress, checkpoint=checkpoint)
     make_permanent_(model)
     return model
 
