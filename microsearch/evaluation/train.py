@@ -35,10 +35,11 @@ from microsearch.evaluation.loader import PAD_MODES, DeviceLoader
 SCHEDULES = ("onecycle", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE = ("auto", "on", "off")
-# torch.compile fuses the quantizers' elementwise chains: on 2 CPU cores it costs ~20-50 s per
-# model and makes a 4/4-bit ResNet-20 step ~2.5x faster, while a float model runs slower compiled
-# (benchmarks/trial_speed.py). So "auto" compiles models with learned-step quantizers, for runs of
-# at least this many steps.
+# torch.compile fuses the quantizers' elementwise chains. On 2 CPU cores (benchmarks/trial_speed.py)
+# it makes a 4/4-bit ResNet-20 step 2.2x faster (648 -> 1,411 images/s at batch 256: 0.21 s saved
+# per step) for 41-51 s of compilation with a cold cache, which pays back after ~250 steps; a float
+# model runs slower compiled. So "auto" compiles models with learned-step quantizers, for runs of at
+# least this many steps.
 COMPILE_MIN_STEPS = 300
 PROGRESS_SECONDS = 2.0  # between two ``on_progress`` calls
 # Set by the command line's SIGINT / SIGTERM handler. The KeyboardInterrupt that handler raises can
@@ -222,7 +223,7 @@ def evaluate(
     return Evaluation(correct.item() / max(1, len(split)), 2 if tta else 1, len(split))
 
 
-def _optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     # Conv / linear weights decay; norm parameters, biases and quantizer step sizes do not.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -308,7 +309,7 @@ def train(
     )
     if len(loader) == 0:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data.train)} training images")
-    optimizer = _optimizer(model, config, device)
+    optimizer = _optimizer(model, config)
     hooks = install_training_hooks(model, optimizer)
     mix = torch.distributions.Beta(config.mixup, config.mixup) if config.mixup > 0 else None
     total = config.epochs * len(loader)
