@@ -96,15 +96,26 @@ def cmd_score(args: argparse.Namespace) -> int:
         torch.manual_seed(0)  # a fixed initialisation, so counted nonzeros are reproducible
         model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
         if args.weight_bits or args.act_bits:
-            quantize_(model, QuantConfig(weight_bits=args.weight_bits or 32, act_bits=args.act_bits or 32))
+            quantize_(model, _quant_config(args))
         passes = 1
     score = audit(model, rule=args.rule or "lab4", passes=passes)
     print(json.dumps(score.to_dict(), indent=2) if args.json else _score_table(score))
     return 0
 
 
+def _quant_config(args: argparse.Namespace) -> QuantConfig:
+    return QuantConfig(
+        weight_bits=args.weight_bits or 32, act_bits=args.act_bits or 32, first_last_bits=args.first_last_bits
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     data_config = DataConfig(args.data, val_size=args.val_size, seed=args.seed)
+    settings = _parse_kv(args.set, "--set")
+    teacher = None
+    if args.teacher:
+        teacher, teacher_meta = load_model(args.teacher)
+        settings.setdefault("distill", 0.9)
     train_config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -115,12 +126,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         precision=args.precision,
         compile=args.compile,
-        **_parse_kv(args.set, "--set"),
+        **settings,
     )
+    if train_config.distill and teacher is None:
+        raise ValueError("--set distill needs --teacher MODEL.pt")
     torch.manual_seed(args.seed)
     model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
     if args.weight_bits or args.act_bits:
-        quantize_(model, QuantConfig(weight_bits=args.weight_bits or 32, act_bits=args.act_bits or 32))
+        quantize_(model, _quant_config(args))
     started = time.perf_counter()
     data = load_data(data_config)
     _log(f"data {args.data}: {len(data.train)} train / {len(data.val)} validation images")
@@ -132,7 +145,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"val {s.val_acc:.1%}  {s.images_per_second:.0f} img/s  {s.seconds:.0f}s  eta {eta:.0f}s"
         )
 
-    history = train(model, data, train_config, on_epoch=progress, on_progress=print_progress)
+    out = Path(args.out)
+    checkpoint = out / "train.ckpt"  # an interrupted run, started again with the same --out, resumes
+    if checkpoint.is_file():
+        _log(f"resuming from {checkpoint}")
+    out.mkdir(parents=True, exist_ok=True)
+    history = train(model, data, train_config, progress, print_progress, checkpoint, teacher)
     device = resolve_device(train_config.device)
     result = evaluate(model, data.val, device, train_config.tta, train_config.precision)
     score = audit(model, rule=args.rule, passes=result.passes)
@@ -149,16 +167,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         "compile_seconds": sum(h.compile_seconds for h in history),
         "images_per_second": history[-1].images_per_second,  # the last epoch: the steady state
     }
-    out = Path(args.out)
     meta = {
         **summary,
         "data": asdict(data_config),
         "train": asdict(train_config),
         "history": [asdict(h) for h in history],
+        "teacher": None if teacher is None else {"file": args.teacher, "val_acc": teacher_meta.get("val_acc")},
         "version": __version__,
         "command": " ".join(sys.argv),
     }
     save_model(out / "model.pt", model.cpu(), meta)
+    checkpoint.unlink()
     summary["model_file"] = str(out / "model.pt")
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -270,7 +289,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     study = load_study(args.study, _study_overrides(args))
     optuna_study = run_worker(study, args.storage, args.n_trials, args.timeout, args.worker, log=_log)
-    print(summary(optuna_study, study.target))
+    print(summary(optuna_study, study.trial_target))
     return 0
 
 
@@ -300,7 +319,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from microsearch.search import load_study, open_study, save_pareto
 
     study = load_study(args.study, _study_overrides(args))
-    path = save_pareto(open_study(study, args.storage), study.target, args.out)
+    path = save_pareto(open_study(study, args.storage), study, args.out)
     print(f"wrote {path} (and stored the figure in study {study.name!r} for optuna-dashboard)")
     return 0
 
@@ -313,15 +332,20 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from microsearch.search import load_study, retrain
-    from microsearch.search.retrain import test_accuracy
+    from microsearch.search import load_study, open_study, retrain
+    from microsearch.search.retrain import retrain_top, test_accuracy
 
-    card = retrain(
-        load_study(args.study, _study_overrides(args)), args.out, args.storage, args.trial, args.epochs, log=_log
-    )
+    study = load_study(args.study, _study_overrides(args))
+    if args.top is not None:
+        if args.trial != "best":
+            raise ValueError("--top K chooses among the K best trials itself: leave out --trial")
+        card = retrain_top(study, open_study(study, args.storage), args.out, args.top, args.epochs, log=_log)
+    else:
+        card = retrain(study, args.out, args.storage, args.trial, args.epochs, log=_log)
     a = card["audit"]
+    val = "" if card["val_acc"] is None else f"validation accuracy {card['val_acc']:.2%}, "
     print(
-        f"trial {card['trial']}: test accuracy {test_accuracy(card)}\n"
+        f"trial {card['trial']}: {val}test accuracy {test_accuracy(card)}\n"
         f"score {a['score']:.5f} ({card['rule']}); wrote {Path(args.out) / 'model.pt'}, model_card.json, model_card.md"
     )
     return 0
@@ -422,8 +446,12 @@ def _build_campaign(p: argparse.ArgumentParser) -> None:
     _add_speed_args(p, default=None)
     p.add_argument("--out", required=True, help="the campaign folder (re-run the same command to resume)")
     p.add_argument("--hours", type=float, help="search time budget (default: the study's trial count only)")
-    p.add_argument("--top", type=int, default=3, help="best trials retrained as final candidates")
-    p.add_argument("--retrain-epochs", type=int, help="training epochs of the candidates (default: a trial's)")
+    p.add_argument("--top", type=int, help="best trials retrained as final candidates (default: [retrain] top)")
+    p.add_argument(
+        "--retrain-epochs",
+        type=int,
+        help="training epochs of the candidates (default: [retrain] epochs, else a trial's)",
+    )
 
 
 def _build_pareto(p: argparse.ArgumentParser) -> None:
@@ -441,7 +469,14 @@ def _build_retrain(p: argparse.ArgumentParser) -> None:
     _add_study_args(p)
     _add_speed_args(p, default=None)
     p.add_argument("--trial", default="best", help="'best' (best feasible) or a trial number")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the study's per-trial budget)")
+    p.add_argument(
+        "--top",
+        type=int,
+        metavar="K",
+        help="retrain the K lowest-score trials that met the trial target, validation images held out, "
+        "choose on them, test only the chosen one (candidates in OUT/candidates)",
+    )
+    p.add_argument("--epochs", type=int, help="training epochs (default: [retrain] epochs, else a trial's)")
     p.add_argument("--out", required=True, help="folder for model.pt, model_card.json, model_card.md")
 
 
@@ -463,6 +498,9 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     )
     p.add_argument("--weight-bits", type=int, help="quantize conv/linear weights to B bits (1-8, 16, 32)")
     p.add_argument("--act-bits", type=int, help="quantize layer inputs to B bits (2-8, 16, 32)")
+    p.add_argument(
+        "--first-last-bits", type=int, help="weights and inputs of the stem and the classifier (default: the same)"
+    )
 
 
 def _build_score(p: argparse.ArgumentParser) -> None:
@@ -485,6 +523,11 @@ def _build_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (2 passes, scored)")
     _add_speed_args(p)
     p.add_argument("--recipe", choices=list(RECIPES), default="baseline", help="training recipe")
+    p.add_argument(
+        "--teacher",
+        metavar="MODEL.pt",
+        help="distil from this trained model (loss weight 0.9 unless --set distill=W; --set temperature=T)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -540,7 +583,7 @@ COMMANDS: dict[str, tuple[str, Builder, Runner]] = {
     "pareto": ("plot a study's accuracy vs score with the target line", _build_pareto, cmd_pareto),
     "dashboard": ("serve optuna-dashboard on a study", _build_dashboard, cmd_dashboard),
     "retrain": (
-        "retrain a trial on all training images, test it once, write its model card",
+        "retrain a trial (or choose among the K best) into a final model, test it once, write its card",
         _build_retrain,
         cmd_retrain,
     ),

@@ -44,10 +44,15 @@ def write_html(fig, path: str | Path) -> Path:
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b"]
 
 
-def pareto_figure(points: list[dict], target: float, title: str):
-    """Accuracy vs score of every completed trial, the target line, the feasible front highlighted.
+def pareto_figure(
+    points: list[dict], target: float, title: str, trial_target: float | None = None, final: dict | None = None
+):
+    """Accuracy vs score of every completed trial, the target lines, the feasible front highlighted.
 
     Each point: ``number``, ``score``, ``val_acc``, ``feasible`` and a ``text`` shown on hover.
+    ``trial_target``: what a trial must reach at its short budget (its own line where it differs
+    from ``target``, the final model's). ``final``: the retrained final model (``score``,
+    ``val_acc``, ``text``), drawn apart from the trials it came from.
     """
     import plotly.graph_objects as go
 
@@ -74,7 +79,28 @@ def pareto_figure(points: list[dict], target: float, title: str):
         text=[p["text"] for p in front],
         hovertemplate="%{text}<extra></extra>",
     )
-    fig.add_hline(y=target, line_dash="dash", line_color="#2ca02c", annotation_text=f"target {target:.0%}")
+    if final is not None:
+        fig.add_scatter(
+            x=[final["score"]],
+            y=[final["val_acc"]],
+            mode="markers",
+            name="final model (retrained)",
+            marker={"color": "#ff7f0e", "size": 16, "symbol": "diamond", "line": {"color": "black", "width": 1}},
+            text=[final["text"]],
+            hovertemplate="%{text}<extra></extra>",
+        )
+    if trial_target is not None and trial_target != target:
+        fig.add_hline(
+            y=trial_target,
+            line_dash="dot",
+            line_color="#9467bd",
+            annotation_text=f"trial target {trial_target:.0%} (trial budget)",
+            annotation_position="bottom right",
+        )
+        label = f"final target {target:.0%} (retrained model)"
+    else:
+        label = f"target {target:.0%}"
+    fig.add_hline(y=target, line_dash="dash", line_color="#2ca02c", annotation_text=label)
     fig.update_layout(
         title=title,
         xaxis_title="score (lower is better)",

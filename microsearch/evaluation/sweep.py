@@ -1,10 +1,10 @@
 """Accuracy and audited score of a trained model pruned at a series of ratios, one method at a time.
 
 The methods: ``random`` and ``global`` (unstructured, ranked across all layers), ``layer`` (the same
-ratio in every layer), ``han`` (iterative prune + retrain), ``li`` (L1 filter pruning) and ``thinet``
-(filters chosen by reconstruction error). For unstructured methods the ratio is the fraction of
-conv/linear weights set to zero; for ``li`` and ``thinet`` it is the fraction of inner filters of
-every residual block that is removed.
+ratio in every layer), ``han`` (prune + retrain in steps that share the fine-tuning epochs the
+others get in one go), ``li`` (L1 filter pruning) and ``thinet`` (filters chosen by reconstruction
+error). For unstructured methods the ratio is the fraction of conv/linear weights set to zero; for
+``li`` and ``thinet`` it is the fraction of inner filters of every residual block that is removed.
 """
 
 import csv
@@ -56,6 +56,7 @@ class SweepContext:
         return next(iter(DeviceLoader(self.data.train, n, self.device)))[0]
 
 
+HAN_STEPS = 3
 Method = Callable[[nn.Module, float, SweepContext], nn.Module]
 
 
@@ -75,7 +76,13 @@ def _layer(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
 
 
 def _han(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
-    han_prune_(model, ratio, ctx.retrain)
+    """Prune and retrain in up to HAN_STEPS steps that share the fine-tuning budget of the others."""
+    if not ctx.finetune:
+        han_prune_(model, ratio, ctx.retrain, steps=1)
+        return model
+    steps = min(HAN_STEPS, ctx.finetune.epochs)
+    each = replace(ctx, finetune=replace(ctx.finetune, epochs=ctx.finetune.epochs // steps))
+    han_prune_(model, ratio, each.retrain, steps=steps)
     return model
 
 

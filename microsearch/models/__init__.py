@@ -1,10 +1,11 @@
 """Model families, registered by name."""
 
 from microsearch.models._registry import create_model, list_models, model_spec, register_model
-from microsearch.models._resnet import BLOCKS, ResNet, ResNetConfig
+from microsearch.models._resnet import BLOCKS, STEMS, ResNet, ResNetConfig
 
 __all__ = [
     "BLOCKS",
+    "STEMS",
     "ResNet",
     "ResNetConfig",
     "create_model",

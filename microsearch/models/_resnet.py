@@ -1,4 +1,11 @@
-"""CIFAR ResNets with configurable width, depth and block type (ResNet-20/32/56 and ResNet18)."""
+"""CIFAR ResNets with configurable width, depth, stem and block type (ResNet-20/32/56 and ResNet18).
+
+Besides the classic stride-1 stem and basic blocks: an early-downsampling stem (a stride-2 conv, or
+space-to-depth: 2x2 pixel blocks stacked into 12 channels), so every stage runs on 4x fewer
+positions; depthwise-separable blocks; and inverted-residual blocks (MobileNetV2's expand ->
+depthwise -> project). Every block ends with a ReLU after the residual sum, so the input of every
+inner layer is non-negative and its activations quantize unsigned (all 2^b levels used).
+"""
 
 from dataclasses import dataclass
 from typing import Any
@@ -9,13 +16,18 @@ from torch import nn
 
 from microsearch.models._registry import config_from_kwargs, register_model
 
+STEMS = {"conv": 1, "stride2": 2, "s2d": 1}  # stem -> stride of its conv
+SPACE_TO_DEPTH = 2  # the s2d stem's pixel block side
+
 
 @dataclass
 class ResNetConfig:
     width: int = 16  # channels of the stem and the first stage
-    multipliers: tuple[int, ...] = (1, 2, 4)  # stage s has width * multipliers[s] channels
+    multipliers: tuple[float, ...] = (1, 2, 4)  # stage s has round(width * multipliers[s]) channels
     blocks: tuple[int, ...] = (3, 3, 3)  # residual blocks per stage; stages after the first halve H, W
-    block: str = "basic"  # "basic": two 3x3 convs; "dwsep": depthwise-separable convs
+    block: str = "basic"  # "basic": two 3x3 convs; "dwsep": depthwise-separable; "mbconv": inverted residual
+    stem: str = "conv"  # "conv": 3x3 at full resolution; "stride2" or "s2d": the stages start at 16x16
+    expansion: int = 1  # a block's inner channels = its width x expansion (before filter pruning)
     num_classes: int = 10
     # Inner channels of each block, in order (filter pruning shrinks them); None: the block's width.
     mid_channels: tuple[int, ...] | None = None
@@ -29,15 +41,19 @@ class ResNetConfig:
             raise ValueError(f"width must be >= 1, got {self.width}")
         if len(self.multipliers) != len(self.blocks) or not self.blocks:
             raise ValueError(f"multipliers {self.multipliers} and blocks {self.blocks} need one entry per stage")
-        if min(self.multipliers) < 1 or min(self.blocks) < 1:
-            raise ValueError(f"multipliers {self.multipliers} and blocks {self.blocks} must be >= 1")
+        if min(self.multipliers) <= 0 or min(self.blocks) < 1:
+            raise ValueError(f"multipliers {self.multipliers} must be > 0 and blocks {self.blocks} >= 1")
         if self.block not in BLOCKS:
             raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {self.block!r}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {sorted(STEMS)}, got {self.stem!r}")
+        if self.expansion < 1:
+            raise ValueError(f"expansion must be >= 1, got {self.expansion}")
         if self.mid_channels is not None and (len(self.mid_channels) != sum(self.blocks) or min(self.mid_channels) < 1):
             raise ValueError(f"mid_channels needs {sum(self.blocks)} entries >= 1, got {self.mid_channels}")
 
     def stage_channels(self) -> list[int]:
-        return [self.width * m for m in self.multipliers]
+        return [max(1, round(self.width * m)) for m in self.multipliers]
 
 
 def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -98,7 +114,31 @@ class SeparableBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "dwsep": SeparableBlock}
+class InvertedBlock(nn.Module):
+    """Pointwise expand (c_in -> mid) -> ReLU -> depthwise 3x3 (stride) -> ReLU -> pointwise
+    project (mid -> c_out), plus shortcut (MobileNetV2's inverted residual, ReLU after the sum)."""
+
+    def __init__(self, c_in: int, mid: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.pw1 = _conv_bn(c_in, mid, 1)
+        self.dw = _conv_bn(mid, mid, 3, stride, groups=mid)
+        self.pw2 = _conv_bn(mid, c_out, 1)
+        self.shortcut = _shortcut(c_in, c_out, stride)
+
+    @property
+    def producer(self) -> nn.Conv2d:
+        return self.pw1[0]
+
+    @property
+    def consumer(self) -> nn.Conv2d:
+        return self.pw2[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.dw(F.relu(self.pw1(x))))
+        return F.relu(self.pw2(out) + self.shortcut(x))
+
+
+BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "dwsep": SeparableBlock, "mbconv": InvertedBlock}
 
 
 class ResNet(nn.Module):
@@ -108,8 +148,10 @@ class ResNet(nn.Module):
         super().__init__()
         self.config = config
         channels = config.stage_channels()
-        mids = iter(config.mid_channels or [c for c, n in zip(channels, config.blocks) for _ in range(n)])
-        self.stem = _conv_bn(3, config.width, 3)
+        default_mids = [c * config.expansion for c, n in zip(channels, config.blocks) for _ in range(n)]
+        mids = iter(config.mid_channels or default_mids)
+        stem_in = 3 * SPACE_TO_DEPTH**2 if config.stem == "s2d" else 3
+        self.stem = _conv_bn(stem_in, config.width, 3, STEMS[config.stem])
         block = BLOCKS[config.block]
         stages, c_in = [], config.width
         for s, (c_out, n) in enumerate(zip(channels, config.blocks)):
@@ -130,6 +172,8 @@ class ResNet(nn.Module):
         return {f"stages.{s}.{b}": block for s, stage in enumerate(self.stages) for b, block in enumerate(stage)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.stem == "s2d":
+            x = F.pixel_unshuffle(x, SPACE_TO_DEPTH)
         x = F.relu(self.stem(x))
         x = self.stages(x)
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)

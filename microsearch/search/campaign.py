@@ -14,7 +14,6 @@ after its last finished epoch, and the time budget counts the trials already run
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +22,9 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from microsearch.checkpoint import load_model
-from microsearch.evaluation.data import load_data
 from microsearch.search.pareto import save_pareto
-from microsearch.search.pruner import is_feasible
 from microsearch.search.report import write_report
-from microsearch.search.retrain import test_once, train_trial, write_model
+from microsearch.search.retrain import retrain_top
 from microsearch.search.run import best_feasible, open_study, run_worker
 from microsearch.search.study import StudyConfig
 from microsearch.search.workers import launch
@@ -72,63 +68,6 @@ def search_stage(study: StudyConfig, storage: str, hours: float | None, log: Cal
     return run_worker(study, storage, n_trials=left_trials, timeout=left_seconds, log=log)
 
 
-def pick_candidates(optuna_study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``top`` lowest-score feasible trials; with none feasible, the most accurate ones."""
-    complete = [t for t in optuna_study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    feasible = sorted((t for t in complete if is_feasible(t)), key=lambda t: t.value)
-    if feasible:
-        return feasible[:top]
-    return sorted(complete, key=lambda t: -t.user_attrs["val_acc"])[:top]
-
-
-def candidate_stage(
-    study: StudyConfig,
-    trials: list[optuna.trial.FrozenTrial],
-    out: Path,
-    epochs: int | None,
-    log: Callable[[str], None],
-) -> list[dict]:
-    """Retrain each candidate with the validation images held out (resumable); their cards."""
-    data = load_data(study.data)
-    cards = []
-    for trial in trials:
-        folder = out / "candidates" / f"trial-{trial.number}"
-        card_file = folder / "model_card.json"
-        if not card_file.is_file():
-            checkpoints = folder / "checkpoints"
-            if checkpoints.is_dir():
-                log(f"[campaign] candidate trial {trial.number}: resuming from its checkpoints")
-            model, card = train_trial(study, trial, data, folder, epochs, log, checkpoints)
-            write_model(folder, model, card)
-            shutil.rmtree(checkpoints)
-        cards.append(json.loads(card_file.read_text()))
-    return cards
-
-
-def choose(cards: list[dict], target: float) -> dict:
-    """The lowest-score candidate at or above the target on validation; else the most accurate."""
-    reaching = [c for c in cards if c["val_acc"] is not None and c["val_acc"] >= target]
-    if reaching:
-        return min(reaching, key=lambda c: c["audit"]["score"])
-    return max(cards, key=lambda c: c["val_acc"] or 0.0)
-
-
-def final_stage(study: StudyConfig, chosen: dict, out: Path) -> dict:
-    """Copy the chosen candidate to ``out/final`` and test it once (where the source has a test
-    split); the test split is read here and nowhere else."""
-    final = out / "final"
-    card_file = final / "model_card.json"
-    if card_file.is_file():
-        return json.loads(card_file.read_text())
-    source = out / "candidates" / f"trial-{chosen['trial']}"
-    model, _ = load_model(source / "model.pt")
-    card = {**chosen, "test_command": chosen["test_command"].replace(str(source), str(final))}
-    test_once(model, card, load_data(study.data))
-    final.mkdir(parents=True, exist_ok=True)
-    write_model(final, model, card)
-    return card
-
-
 def summarize(optuna_study: optuna.Study, study: StudyConfig, final: dict, hours: float | None) -> dict:
     trials = optuna_study.get_trials(deepcopy=False)
     states = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
@@ -170,15 +109,16 @@ def campaign(
     out: str | Path,
     hours: float | None = None,
     storage: str | None = None,
-    top: int = 3,
+    top: int | None = None,
     retrain_epochs: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Search, retrain the ``top`` best trials, choose on validation, test once, report.
+    """Search, retrain the ``top`` best trials (default ``[retrain] top``) with the retrain budget,
+    choose on validation, test once, report.
 
     Example: ``campaign(load_study("studies/smoke.toml"), "runs/smoke", hours=0.1)``.
     """
-    if top < 1:
+    if top is not None and top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
     if hours is not None and hours <= 0:
         raise ValueError(f"--hours must be > 0, got {hours}")
@@ -187,15 +127,8 @@ def campaign(
     started = time.perf_counter()
     storage = storage or storage_for(out, torch.cuda.device_count())
     optuna_study = search_stage(study, storage, hours, log)
-    candidates = pick_candidates(optuna_study, top)
-    if not candidates:
-        raise RuntimeError("no trial completed: nothing to retrain (run the campaign longer)")
-    log(f"[campaign] candidates: trials {', '.join(str(t.number) for t in candidates)}")
-    cards = candidate_stage(study, candidates, out, retrain_epochs, log)
-    chosen = choose(cards, study.target)
-    log(f"[campaign] chosen: trial {chosen['trial']} (validation {chosen['val_acc']:.2%})")
-    final = final_stage(study, chosen, out)
-    save_pareto(optuna_study, study.target, out / "pareto.html")
+    final = retrain_top(study, optuna_study, out, top, retrain_epochs, out / "final", log)
+    save_pareto(optuna_study, study, out / "pareto.html", final)
     write_report(study, optuna_study, out / "report", None, out / "final")
     summary = summarize(optuna_study, study, final, hours)
     summary["campaign_seconds_this_run"] = time.perf_counter() - started

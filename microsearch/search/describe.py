@@ -20,11 +20,33 @@ def recipe_text(name: str) -> str:
 
 
 def goal(study: StudyConfig) -> str:
-    d = study.data
+    d, r = study.data, study.retrain
+    trial_goal = (
+        f"A trial is feasible when it reaches {study.trial_target:.0%} validation accuracy at its short "
+        f"budget ({study.budget.epochs} epochs); the {r.top} lowest-score feasible trials are retrained "
+        f"for {r.epochs or study.budget.epochs} epochs and the final model must reach {study.target:.0%}."
+        if study.trial_target != study.target
+        else f"Trials and the final model share the target ({study.target:.0%})."
+    )
     return (
-        f"Minimise the audited compression score (rule {study.rule}) subject to validation accuracy >= "
-        f"{study.target:.0%} on {d.source}, with {d.val_size:,} training images held out for validation "
-        f"(seed {d.seed}). The test split is used only by the final evaluation of a retrained model."
+        f"Minimise the audited compression score (rule {study.rule}) subject to validation accuracy on "
+        f"{d.source}, with {d.val_size:,} training images held out for validation (seed {d.seed}). "
+        f"{trial_goal} The final model is chosen on the validation images; the test split is used only by "
+        f"the one evaluation of that model."
+    )
+
+
+def distillation(study: StudyConfig) -> str:
+    """Whether and how trials and the retrain distil from a teacher, in words."""
+    d = study.distill
+    if not d.teacher:
+        return "No distillation."
+    args = ", ".join(f"{k}={v}" for k, v in d.teacher_args.items())
+    return (
+        f"Trials and the retrain distil from a float {d.teacher}{f' ({args})' if args else ''} trained once "
+        f"for {d.teacher_epochs} epochs (recipe {d.teacher_recipe}) on the same training images and cached; "
+        f"loss = (1 - w) x cross-entropy + w x T^2 x KL(teacher || student) at temperature T "
+        f"(w in {list(d.weight)}, T in {list(d.temperature)}). The teacher is not part of the scored model."
     )
 
 
@@ -38,8 +60,11 @@ def space_rows(study: StudyConfig) -> list[tuple[str, str]]:
     rows = [
         ("width: first-stage channels (log scale)", sp.width),
         ("blocks per stage", sp.depth),
-        ("stage channel multipliers (fixed)", sp.multipliers),
+        ("stage channel multipliers", sp.multipliers),
+        ("per-stage factor on the multipliers", sp.stage_scale),
+        ("stem", sp.stems),
         ("block type", sp.blocks),
+        ("mbconv expansion", sp.expansion),
         (f"filters removed per {unit} ({c.structured})", sp.structured),
         (f"weights zeroed per {unit} (layer-wise L1, {c.unstructured})", sp.unstructured),
         (f"weight bits per {unit}", sp.weight_bits),
@@ -67,10 +92,14 @@ def recipe(study: StudyConfig) -> str:
         f"rate {b.finetune_lr} with the masks fixed, and is audited layer by layer. Trials report validation "
         f"error every epoch; a target-aware pruner stops a trial whose accuracy falls more than {p.margin} "
         f"below every feasible learning curve scaled to the target (after {p.warmup_epochs} warm-up epochs). "
-        f"TPE (multivariate, grouped, constant liar) samples the space; a ResNet-20 at 4 bits is enqueued first."
+        f"TPE (multivariate, grouped, constant liar) samples the space; a ResNet-20 at 4 bits and the "
+        f"study's {len(study.enqueue)} [[enqueue]] starting points run first."
     )
 
 
 def markdown(study: StudyConfig) -> str:
     table = "\n".join(f"| {name} | {value} |" for name, value in space_rows(study))
-    return f"## Study {study.name}\n\n{goal(study)}\n\n| parameter | range |\n|---|---|\n{table}\n\n{recipe(study)}\n"
+    return (
+        f"## Study {study.name}\n\n{goal(study)} {distillation(study)}\n\n"
+        f"| parameter | range |\n|---|---|\n{table}\n\n{recipe(study)}\n"
+    )

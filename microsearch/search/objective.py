@@ -61,10 +61,14 @@ def train_and_compress(
     on_epoch: EpochHook = None,
     on_finetune_epoch: EpochHook = None,
     checkpoints: Path | None = None,
+    teacher: nn.Module | None = None,
+    finetune_epochs: int | None = None,
 ) -> nn.Module:
     """Build the planned model, train it quantization-aware, remove filters, zero weights,
     fine-tune with the masks fixed and make the pruning permanent. With ``checkpoints`` (a
-    folder), both trainings resume after their last finished epoch; pruning is deterministic."""
+    folder), both trainings resume after their last finished epoch; pruning is deterministic.
+    ``teacher``: the study's distillation teacher (when the plan distils). ``finetune_epochs``
+    overrides the study's (a retrain's budget)."""
     device = resolve_device(plan.train.device)
     torch.manual_seed(plan.train.seed)
     model = create_model(MODEL, **plan.model)
@@ -72,16 +76,17 @@ def train_and_compress(
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoints and checkpoints / "train.pt"
-    train(model, data, plan.train, on_epoch=on_epoch, on_progress=print_progress, checkpoint=checkpoint)
+    train(model, data, plan.train, on_epoch, print_progress, checkpoint, teacher)
     if any(plan.filters.values()):
         model = FILTER_PRUNERS[study.compression.structured](model, plan.filters, data, device)
     if plan.sparsity:
         prune_layers_(model, plan.sparsity)
     budget = study.budget
-    if budget.finetune_epochs:
-        tune = replace(plan.train, epochs=budget.finetune_epochs, lr=budget.finetune_lr, warmup=0.0)
+    epochs = budget.finetune_epochs if finetune_epochs is None else finetune_epochs
+    if epochs:
+        tune = replace(plan.train, epochs=epochs, lr=budget.finetune_lr, warmup=0.0)
         checkpoint = checkpoints and checkpoints / "finetune.pt"
-        train(model, data, tune, on_epoch=on_finetune_epoch, on_progress=print_progress, checkpoint=checkpoint)
+        train(model, data, tune, on_finetune_epoch, print_progress, checkpoint, teacher)
     make_permanent_(model)
     return model
 
@@ -148,9 +153,10 @@ class Objective:
         tag: str = "",
         artifacts: FileSystemArtifactStore | None = None,
         sampler_seed: int | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.study, self.data, self.log, self.tag, self.artifacts = study, data, log, tag, artifacts
-        self.sampler_seed = sampler_seed
+        self.sampler_seed, self.teacher = sampler_seed, teacher
         self.device = resolve_device(study.device)
         self.current: int | None = None  # number of the trial being run, for an interrupted worker
 
@@ -174,13 +180,15 @@ class Objective:
             )
             if trial.should_prune():
                 trial.set_user_attr("history", history)
-                set_feasibility(trial, stats.val_acc, self.study.target)
+                set_feasibility(trial, stats.val_acc, self.study.trial_target)
                 raise optuna.TrialPruned(f"val {stats.val_acc:.1%} at epoch {step} is below every feasible trial")
 
-        model = train_and_compress(plan, self.study, self.data, report, lambda s: report(s, offset=plan.train.epochs))
+        model = train_and_compress(
+            plan, self.study, self.data, report, lambda s: report(s, offset=plan.train.epochs), teacher=self.teacher
+        )
         result = evaluate(model, self.data.val, self.device, plan.train.tta, plan.train.precision)
         score = audit(model, rule=self.study.rule, passes=result.passes)
-        set_feasibility(trial, result.accuracy, self.study.target)
+        set_feasibility(trial, result.accuracy, self.study.trial_target)
         attrs = {
             "val_acc": result.accuracy,
             "passes": result.passes,
@@ -202,14 +210,14 @@ class Objective:
         return score.score
 
     def _store(self, trial: optuna.Trial, model: nn.Module, score: Score, accuracy: float, plan: TrialPlan) -> None:
-        feasible = "feasible" if accuracy >= self.study.target else "infeasible"
+        feasible = "feasible" if accuracy >= self.study.trial_target else "infeasible"
         params = "\n".join(
             f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in trial.params.items()
         )
         _note(
             trial,
             f"## Trial {trial.number}: score {score.score:.5f}, validation accuracy {accuracy:.2%} "
-            f"({feasible} for target {self.study.target:.0%})\n\n"
+            f"({feasible} for the trial target {self.study.trial_target:.0%})\n\n"
             f"| parameter | value |\n|---|---|\n{params}\n\n### Score breakdown\n\n{score_table(score.to_dict())}\n",
         )
         if self.artifacts is None:

@@ -7,6 +7,7 @@ from optuna.trial import TrialState
 
 from microsearch.evaluation.plots import pareto_figure, write_html
 from microsearch.search.pruner import is_feasible
+from microsearch.search.study import StudyConfig
 
 
 def _describe(trial: optuna.trial.FrozenTrial) -> str:
@@ -35,13 +36,30 @@ def trial_points(study: optuna.Study) -> list[dict]:
     ]
 
 
-def save_pareto(study: optuna.Study, target: float, out: str | Path) -> Path:
-    """Write the figure to ``out`` and store it in the study (optuna-dashboard shows it)."""
+def final_point(card: dict) -> dict:
+    """A retrained model's card as a point of the accuracy-vs-score figure."""
+    a = card["audit"]
+    return {
+        "score": a["score"],
+        "val_acc": card["val_acc"],
+        "text": f"final model (trial {card['trial']} retrained): score {a['score']:.4f}, val {card['val_acc']:.2%}",
+    }
+
+
+def save_pareto(study: optuna.Study, config: StudyConfig, out: str | Path, final: dict | None = None) -> Path:
+    """Write the figure to ``out`` and store it in the study (optuna-dashboard shows it).
+    ``final``: the card of the retrained final model, drawn with the trials."""
     from optuna_dashboard import save_plotly_graph_object
 
     points = trial_points(study)
     if not points:
         raise ValueError(f"study {study.study_name!r} has no completed trial to plot yet")
-    fig = pareto_figure(points, target, f"{study.study_name}: accuracy vs score ({len(points)} trials)")
+    fig = pareto_figure(
+        points,
+        config.target,
+        f"{study.study_name}: accuracy vs score ({len(points)} trials)",
+        config.trial_target,
+        None if final is None or final.get("val_acc") is None else final_point(final),
+    )
     save_plotly_graph_object(study, fig)
     return write_html(fig, out)

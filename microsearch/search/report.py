@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from microsearch.evaluation.plots import pareto_figure, sweep_figure
 from microsearch.search import describe
 from microsearch.search.objective import layer_table, score_line
-from microsearch.search.pareto import trial_points
+from microsearch.search.pareto import final_point, trial_points
 from microsearch.search.pruner import is_feasible
 from microsearch.search.retrain import test_accuracy
 from microsearch.search.run import best_feasible
@@ -69,25 +69,31 @@ def sections(study: StudyConfig, optuna_study: optuna.Study, sweeps: Path | None
         f"Best feasible trial: {best.number}, score {best.value:.5f}, validation accuracy "
         f"{best.user_attrs['val_acc']:.2%}."
         if best
-        else f"No trial has reached {study.target:.0%} yet."
+        else f"No trial has reached the trial target ({study.trial_target:.0%}) yet."
     )
     out = [
         Section("Summary", [f"{len(trials)} trials ({summary}).", best_text]),
         Section(
             "Methodology",
-            [describe.goal(study), describe.recipe(study)],
+            [describe.goal(study), describe.recipe(study), describe.distillation(study)],
             table=(["parameter", "range"], [list(r) for r in describe.space_rows(study)]),
         ),
     ]
     points = trial_points(optuna_study)
     if points:
-        fig = pareto_figure(points, study.target, f"{study.name}: accuracy vs score")
+        card = json.loads((model / "model_card.json").read_text()) if model is not None else None
+        final = final_point(card) if card and card.get("val_acc") is not None else None
+        fig = pareto_figure(points, study.target, f"{study.name}: accuracy vs score", study.trial_target, final)
         out.append(
             Section(
                 "Accuracy vs score",
                 [
-                    "Every completed trial; the dashed line is the accuracy target, the red staircase the feasible "
-                    "Pareto front. Hover a point for its configuration."
+                    "Every completed trial at the trial budget; the dashed line is the final model's accuracy "
+                    "target"
+                    + (", the dotted one the trial target" if study.trial_target != study.target else "")
+                    + ", the red staircase the feasible Pareto front"
+                    + (", the diamond the retrained final model" if final else "")
+                    + ". Hover a point for its configuration."
                 ],
                 figure=fig,
             )

@@ -1,6 +1,12 @@
-"""Retrain a trial into a final model: the exact configuration, all training images, one test."""
+"""Retrain trials into a final model, with the study's retrain budget ([retrain]).
+
+Two ways: one trial on every training image, tested once (``retrain``); or the K lowest-score trials
+that met the trial target, each retrained with the validation images held out, the final model
+chosen on those, and only that one tested once (``retrain_top``, which the campaign runs).
+"""
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -8,11 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import optuna
-from optuna.trial import FixedTrial
+from optuna.trial import FixedTrial, TrialState
 from torch import nn
 
 from microsearch import code_version
-from microsearch.checkpoint import save_model
+from microsearch.checkpoint import load_model, save_model
 from microsearch.evaluation import audit
 from microsearch.evaluation.data import Dataset, load_data
 from microsearch.evaluation.train import (
@@ -24,9 +30,11 @@ from microsearch.evaluation.train import (
     resolve_precision,
 )
 from microsearch.search.objective import score_table, train_and_compress
+from microsearch.search.pruner import is_feasible
 from microsearch.search.run import best_feasible, open_study
 from microsearch.search.space import MODEL, suggest
 from microsearch.search.study import StudyConfig, StudyError
+from microsearch.search.teacher import ensure_teacher, teacher_record
 
 
 def pick_trial(study: optuna.Study, which: str) -> optuna.trial.FrozenTrial:
@@ -81,12 +89,18 @@ def train_trial(
     (test accuracy not measured yet). With ``checkpoints``, an interrupted run resumes."""
     start = time.perf_counter()
     plan = suggest(FixedTrial(trial.params), study)
-    if epochs is not None:
-        if epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {epochs}")
-        plan = replace(plan, train=replace(plan.train, epochs=epochs))
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    r = study.retrain
+    budget = {
+        "epochs": epochs or r.epochs or plan.train.epochs,
+        "finetune_epochs": r.finetune_epochs or study.budget.finetune_epochs,
+        "recipe": r.recipe or plan.train.recipe,
+    }
+    plan = replace(plan, train=replace(plan.train, epochs=budget["epochs"], recipe=budget["recipe"]))
+    teacher = ensure_teacher(study, None, log) if plan.train.distill else None
     device = resolve_device(plan.train.device)
-    total = plan.train.epochs + study.budget.finetune_epochs
+    total = plan.train.epochs + budget["finetune_epochs"]
 
     def progress(offset: int) -> Callable[[EpochStats], None]:
         def show(s: EpochStats) -> None:
@@ -99,7 +113,16 @@ def train_trial(
         return show
 
     log(f"training trial {trial.number} on {len(data.train)} images for {total} epochs")
-    model = train_and_compress(plan, study, data, progress(0), progress(plan.train.epochs), checkpoints)
+    model = train_and_compress(
+        plan,
+        study,
+        data,
+        progress(0),
+        progress(plan.train.epochs),
+        checkpoints,
+        None if teacher is None else teacher[0],
+        budget["finetune_epochs"],
+    )
     passes = 2 if plan.train.tta else 1
     val_acc = (
         evaluate(model, data.val, device, plan.train.tta, plan.train.precision).accuracy if len(data.val) else None
@@ -116,6 +139,10 @@ def train_trial(
         },
         "plan": plan.to_dict(),
         "hyperparameters": trial.params,
+        "budget": budget,
+        "teacher": None if teacher is None else teacher_record(study, teacher[1]),
+        "target": study.target,
+        "trial_target": study.trial_target,
         "data": {
             "source": study.data.source,
             "val_size": len(data.val),  # with ``seed``: the held-out split ``microsearch evaluate`` rebuilds
@@ -138,6 +165,89 @@ def train_trial(
         "command": " ".join(["microsearch", *sys.argv[1:]]),
     }
     return model, card
+
+
+def pick_candidates(optuna_study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``top`` lowest-score trials that met the trial target; with none, the most accurate."""
+    complete = [t for t in optuna_study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    feasible = sorted((t for t in complete if is_feasible(t)), key=lambda t: t.value)
+    if feasible:
+        return feasible[:top]
+    return sorted(complete, key=lambda t: -t.user_attrs["val_acc"])[:top]
+
+
+def candidate_stage(
+    study: StudyConfig,
+    trials: list[optuna.trial.FrozenTrial],
+    out: Path,
+    epochs: int | None,
+    log: Callable[[str], None],
+) -> list[dict]:
+    """Retrain each candidate into ``out/candidates/trial-N`` with the validation images held out
+    (resumable from its checkpoints); their cards, test accuracy unmeasured."""
+    data = load_data(study.data)
+    cards = []
+    for trial in trials:
+        folder = out / "candidates" / f"trial-{trial.number}"
+        card_file = folder / "model_card.json"
+        if not card_file.is_file():
+            checkpoints = folder / "checkpoints"
+            if checkpoints.is_dir():
+                log(f"[retrain] candidate trial {trial.number}: resuming from its checkpoints")
+            model, card = train_trial(study, trial, data, folder, epochs, log, checkpoints)
+            write_model(folder, model, card)
+            shutil.rmtree(checkpoints)
+        cards.append(json.loads(card_file.read_text()))
+    return cards
+
+
+def choose(cards: list[dict], target: float) -> dict:
+    """The lowest-score candidate at or above the target on validation; else the most accurate."""
+    reaching = [c for c in cards if c["val_acc"] is not None and c["val_acc"] >= target]
+    if reaching:
+        return min(reaching, key=lambda c: c["audit"]["score"])
+    return max(cards, key=lambda c: c["val_acc"] or 0.0)
+
+
+def final_stage(study: StudyConfig, chosen: dict, out: Path, final: Path) -> dict:
+    """Copy the chosen candidate to ``final`` and test it once (where the source has a test split);
+    the test split is read here and nowhere else."""
+    card_file = final / "model_card.json"
+    if card_file.is_file():
+        return json.loads(card_file.read_text())
+    source = out / "candidates" / f"trial-{chosen['trial']}"
+    model, _ = load_model(source / "model.pt")
+    card = {**chosen, "test_command": chosen["test_command"].replace(str(source), str(final))}
+    test_once(model, card, load_data(study.data))
+    final.mkdir(parents=True, exist_ok=True)
+    write_model(final, model, card)
+    return card
+
+
+def retrain_top(
+    study: StudyConfig,
+    optuna_study: optuna.Study,
+    out: str | Path,
+    top: int | None = None,
+    epochs: int | None = None,
+    final: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Retrain the ``top`` (default ``[retrain] top``) lowest-score trials that met the trial
+    target, choose the final model on the validation images against ``target``, test it once and
+    write it to ``final`` (default ``out``). Resumable: finished candidates are not retrained."""
+    top = top or study.retrain.top
+    if top < 1:
+        raise ValueError(f"--top must be >= 1, got {top}")
+    out = Path(out)
+    candidates = pick_candidates(optuna_study, top)
+    if not candidates:
+        raise StudyError(f"study {study.name!r} has no completed trial to retrain yet")
+    log(f"[retrain] candidates: trials {', '.join(str(t.number) for t in candidates)}")
+    cards = candidate_stage(study, candidates, out, epochs, log)
+    chosen = choose(cards, study.target)
+    log(f"[retrain] chosen: trial {chosen['trial']} (validation {chosen['val_acc']:.2%}, target {study.target:.0%})")
+    return final_stage(study, chosen, out, Path(final) if final is not None else out)
 
 
 def test_once(model: nn.Module, card: dict, data: Dataset) -> None:

@@ -21,9 +21,10 @@ from microsearch.search.pruner import TargetPruner, is_feasible
 from microsearch.search.space import starting_points
 from microsearch.search.storage import open_storage
 from microsearch.search.study import StudyConfig, StudyError
+from microsearch.search.teacher import ensure_teacher, teacher_record
 
 # What defines the search: a worker whose file differs here from the stored study is refused.
-_DEFINING = ("target", "rule", "data", "space", "compression")
+_DEFINING = ("target", "trial_target", "rule", "data", "space", "compression", "distill")
 
 
 def _definition(study: StudyConfig) -> dict:
@@ -61,7 +62,9 @@ def open_study(study: StudyConfig, storage_url: str | None = None, sampler_seed:
     with warnings.catch_warnings():  # group=True is "experimental" but is what conditional spaces need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True, group=True, constant_liar=True)
-    pruner = TargetPruner(study.target, study.pruner.margin, study.pruner.warmup_epochs, study.pruner.min_feasible)
+    pruner = TargetPruner(
+        study.trial_target, study.pruner.margin, study.pruner.warmup_epochs, study.pruner.min_feasible
+    )
     optuna_study = optuna.create_study(
         study_name=study.name,
         storage=storage,
@@ -106,7 +109,7 @@ def _describe_for_dashboard(optuna_study: optuna.Study, study: StudyConfig) -> N
         f"**Best feasible trial so far: {best.number}**, score {best.value:.5f}, validation accuracy "
         f"{best.user_attrs['val_acc']:.2%}."
         if best
-        else f"No trial has reached {study.target:.0%} validation accuracy yet."
+        else f"No trial has reached its target ({study.trial_target:.0%} validation accuracy at the trial budget) yet."
     )
     save_note(
         optuna_study,
@@ -155,7 +158,12 @@ def run_worker(
         )
 
     log(f"[{tag}worker] sampler seed {sampler_seed} (recorded with each trial)")
-    objective = Objective(study, data, log, tag, artifacts=artifact_store(study), sampler_seed=sampler_seed)
+    teacher = ensure_teacher(study, data, log)
+    if teacher is not None:
+        optuna_study.set_user_attr("teacher", teacher_record(study, teacher[1]))
+    objective = Objective(
+        study, data, log, tag, artifact_store(study), sampler_seed, None if teacher is None else teacher[0]
+    )
     try:
         optuna_study.optimize(
             objective,

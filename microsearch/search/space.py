@@ -62,15 +62,26 @@ def _unit_of(layer: str, granularity: str) -> str | None:
     return unit_name(int(parts[1]), None if granularity == "stage" else int(parts[2]))
 
 
+def _float(trial: optuna.trial.BaseTrial, name: str, bounds: tuple[float, float]) -> float:
+    """A searched float where the bounds differ, else the fixed value (not a parameter)."""
+    low, high = bounds
+    return trial.suggest_float(name, low, high) if low < high else float(low)
+
+
 def suggest(trial: optuna.trial.BaseTrial, study: StudyConfig) -> TrialPlan:
     """Sample one candidate. Works on a ``FixedTrial`` too, which rebuilds a stored trial."""
-    space, budget = study.space, study.budget
+    space, budget, distill = study.space, study.budget, study.distill
     depth = trial.suggest_int("depth", *space.depth)
+    width = trial.suggest_int("width", *space.width, log=True)
+    scales = [_float(trial, f"s{s}_scale", space.stage_scale) for s in range(len(space.multipliers))]
+    block_type = trial.suggest_categorical("block", list(space.blocks))
     model = {
-        "width": trial.suggest_int("width", *space.width, log=True),
-        "multipliers": tuple(space.multipliers),
+        "width": width,
+        "multipliers": tuple(m * f for m, f in zip(space.multipliers, scales)),
         "blocks": (depth,) * len(space.multipliers),
-        "block": trial.suggest_categorical("block", list(space.blocks)),
+        "block": block_type,
+        "stem": trial.suggest_categorical("stem", list(space.stems)) if len(space.stems) > 1 else space.stems[0],
+        "expansion": trial.suggest_int("expansion", *space.expansion) if block_type == "mbconv" else 1,
     }
     train = TrainConfig(
         epochs=budget.epochs,
@@ -80,6 +91,8 @@ def suggest(trial: optuna.trial.BaseTrial, study: StudyConfig) -> TrialPlan:
         label_smoothing=trial.suggest_float("label_smoothing", *space.label_smoothing),
         mixup=trial.suggest_float("mixup", *space.mixup),
         cutout=trial.suggest_int("cutout", *space.cutout),
+        distill=_float(trial, "distill", distill.weight) if distill.teacher else 0.0,
+        temperature=_float(trial, "temperature", distill.temperature) if distill.teacher else 4.0,
         tta=budget.tta,
         recipe=budget.recipe,
         precision=study.precision,
@@ -112,23 +125,37 @@ def suggest(trial: optuna.trial.BaseTrial, study: StudyConfig) -> TrialPlan:
 
 def starting_points(study: StudyConfig) -> list[dict[str, Any]]:
     """Known-good first candidates so the sampler does not start blind: a ResNet-20 at 4 bits,
-    unpruned, with the usual recipe (each value clamped into the study's bounds)."""
+    unpruned, with the usual recipe (each value clamped into the study's bounds). A study file's
+    ``[[enqueue]]`` tables add more; parameters they leave out are sampled."""
     space = study.space
 
     def clamp(value: float, bounds: tuple) -> float:
         return type(bounds[0])(min(max(value, bounds[0]), bounds[1]))
 
     depth = int(clamp(3, space.depth))
+    block_type = "basic" if "basic" in space.blocks else space.blocks[0]
     point: dict[str, Any] = {
         "depth": depth,
         "width": int(clamp(16, space.width)),
-        "block": "basic" if "basic" in space.blocks else space.blocks[0],
+        "block": block_type,
         "lr": clamp(0.2, space.lr),
         "weight_decay": clamp(5e-4, space.weight_decay),
         "label_smoothing": clamp(0.1, space.label_smoothing),
         "mixup": float(space.mixup[0]),
         "cutout": int(space.cutout[0]),
     }
+    if len(space.stems) > 1:
+        point["stem"] = "conv" if "conv" in space.stems else space.stems[0]
+    if block_type == "mbconv":
+        point["expansion"] = int(clamp(4, space.expansion))
+    if space.stage_scale[0] < space.stage_scale[1]:
+        point.update({f"s{s}_scale": clamp(1.0, space.stage_scale) for s in range(len(space.multipliers))})
+    for name, bounds, usual in (
+        ("distill", study.distill.weight, 0.9),
+        ("temperature", study.distill.temperature, 4.0),
+    ):
+        if study.distill.teacher and bounds[0] < bounds[1]:
+            point[name] = clamp(usual, bounds)
     for stage, block in units(study, depth):
         u = unit_name(stage, block)
         point[f"{u}_wbits"] = int(clamp(4, space.weight_bits))

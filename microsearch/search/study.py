@@ -12,7 +12,7 @@ from typing import Any
 from microsearch.evaluation.data import DataConfig
 from microsearch.evaluation.score import RULES
 from microsearch.evaluation.train import COMPILE, PRECISIONS, RECIPES, resolve_device, resolve_precision
-from microsearch.models import BLOCKS
+from microsearch.models import BLOCKS, STEMS, create_model
 
 GRANULARITIES = ("stage", "block")
 STRUCTURED = ("li", "thinet", "none")
@@ -37,6 +37,9 @@ class SpaceConfig:
     depth: tuple[int, int] = (1, 3)  # residual blocks per stage
     multipliers: tuple[int, ...] = (1, 2, 4)  # stage widths relative to the first
     blocks: tuple[str, ...] = ("basic", "dwsep")  # block types to choose from
+    stems: tuple[str, ...] = ("conv",)  # stems to choose from: conv (full resolution), stride2, s2d
+    expansion: tuple[int, int] = (2, 6)  # inner channels / block width of an mbconv block
+    stage_scale: tuple[float, float] = (1.0, 1.0)  # per-stage factor on the multipliers (searched if low < high)
     granularity: str = "stage"  # one pruning ratio and bit-width pair per "stage" or per "block"
     structured: tuple[float, float] = (0.0, 0.5)  # fraction of inner filters removed
     unstructured: tuple[float, float] = (0.0, 0.8)  # fraction of conv/linear weights zeroed
@@ -59,6 +62,8 @@ class SpaceConfig:
         _range("lr", self.lr, 1e-5, 10)
         _range("weight_decay", self.weight_decay, 1e-7, 0.1)
         _range("cutout", self.cutout, 0, 32)
+        _range("expansion", self.expansion, 1, 16)
+        _range("stage_scale", self.stage_scale, 0.1, 8)
         _range("mixup", self.mixup, 0, 2)
         _range("label_smoothing", self.label_smoothing, 0, 0.5)
         if self.granularity not in GRANULARITIES:
@@ -66,8 +71,11 @@ class SpaceConfig:
         bad = [b for b in self.blocks if b not in BLOCKS]
         if bad or not self.blocks:
             raise ValueError(f"blocks must be a non-empty list of {sorted(BLOCKS)}, got {list(self.blocks)}")
-        if not self.multipliers or min(self.multipliers) < 1:
-            raise ValueError(f"multipliers must be integers >= 1, got {list(self.multipliers)}")
+        if not self.multipliers or min(self.multipliers) <= 0:
+            raise ValueError(f"multipliers must be > 0, got {list(self.multipliers)}")
+        bad = [s for s in self.stems if s not in STEMS]
+        if bad or not self.stems:
+            raise ValueError(f"stems must be a non-empty list of {sorted(STEMS)}, got {list(self.stems)}")
         if self.first_last_bits not in (2, 3, 4, 5, 6, 7, 8, 16, 32):
             raise ValueError(f"first_last_bits must be 2-8, 16 or 32, got {self.first_last_bits}")
 
@@ -95,6 +103,49 @@ class BudgetConfig:
             raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
         if self.timeout is not None and (not isinstance(self.timeout, int | float) or self.timeout <= 0):
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+
+
+@dataclass
+class RetrainConfig:
+    """The final model's budget: the best trials are retrained longer than a trial trains."""
+
+    epochs: int = 0  # training epochs before compression; 0: a trial's ([budget] epochs)
+    finetune_epochs: int = 0  # after pruning; 0: a trial's
+    recipe: str = ""  # a name in RECIPES; "": a trial's
+    top: int = 3  # lowest-score trials (at trial_target) retrained as final candidates
+
+    def __post_init__(self) -> None:
+        if self.recipe and self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {list(RECIPES)} or empty, got {self.recipe!r}")
+        if min(self.epochs, self.finetune_epochs) < 0 or self.top < 1:
+            raise ValueError(f"need epochs, finetune_epochs >= 0 and top >= 1, got {self}")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a float teacher, trained once per study and data, then cached."""
+
+    teacher: str = ""  # a registered model name, e.g. "resnet56"; "": no distillation
+    teacher_args: dict = field(default_factory=dict)  # its config overrides, e.g. {width = 32}
+    teacher_epochs: int = 30
+    teacher_recipe: str = "fast"
+    teacher_lr: float = 0.2
+    weight: tuple[float, float] = (0.9, 0.9)  # of the distillation loss (searched if low < high)
+    temperature: tuple[float, float] = (4.0, 4.0)  # (searched if low < high)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.teacher_args, dict):
+            raise ValueError(f"teacher_args must be a table, got {self.teacher_args!r}")
+        if self.teacher:
+            create_model(self.teacher, **self.teacher_args)  # names a wrong model or argument now
+        if self.teacher_recipe not in RECIPES:
+            raise ValueError(f"teacher_recipe must be one of {list(RECIPES)}, got {self.teacher_recipe!r}")
+        if self.teacher_epochs < 1 or self.teacher_lr <= 0:
+            raise ValueError(
+                f"need teacher_epochs >= 1 and teacher_lr > 0, got {self.teacher_epochs}, {self.teacher_lr}"
+            )
+        _range("weight", self.weight, 0, 1)
+        _range("temperature", self.temperature, 0.1, 100)
 
 
 @dataclass
@@ -130,7 +181,8 @@ class PrunerConfig:
 class StudyConfig:
     name: str
     path: Path  # the study file; relative storage paths are resolved beside it
-    target: float = 0.90  # validation accuracy a trial needs to be feasible
+    target: float = 0.90  # validation accuracy the final (retrained) model must reach
+    trial_target: float | None = None  # what a trial must reach at the trial budget; None: target
     rule: str = "lab4"
     storage: str | None = None  # None: sqlite:///<study folder>/<name>.db
     artifacts: str | None = None  # folder for trial model files; None: <study folder>/<name>-artifacts
@@ -145,6 +197,8 @@ class StudyConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # starting points (param values)
 
     def __post_init__(self) -> None:
@@ -153,6 +207,10 @@ class StudyConfig:
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         if not 0 < self.target <= 1:
             raise ValueError(f"target must be in (0, 1], got {self.target}")
+        if self.trial_target is None:
+            self.trial_target = self.target
+        if not isinstance(self.trial_target, int | float) or not 0 < self.trial_target <= 1:
+            raise ValueError(f"trial_target must be in (0, 1], got {self.trial_target!r}")
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {list(RULES)}, got {self.rule!r}")
         if self.heartbeat < 1 or self.grace <= self.heartbeat:
@@ -181,6 +239,8 @@ _SECTIONS = {
     "space": SpaceConfig,
     "compression": CompressionConfig,
     "pruner": PrunerConfig,
+    "retrain": RetrainConfig,
+    "distill": DistillConfig,
 }
 
 

@@ -264,3 +264,33 @@ def test_quantization_can_be_switched_off_and_calibrates_when_switched_on():
     calibrate_(model, x)
     assert calibrated(model)
     assert model[0].weight_quant(model[0].weight).unique().numel() <= 4
+
+
+@pytest.mark.parametrize("block", ["basic", "dwsep", "mbconv"])
+def test_2_bit_activations_are_unsigned_after_relu_and_use_all_four_levels(block):
+    torch.manual_seed(0)
+    model = create_model("resnet", width=4, blocks=(1, 1, 1), block=block)
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=2, first_last_bits=8))
+    x = torch.randn(8, 3, 32, 32)
+    calibrate_(model, x)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d | QuantLinear)}
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0])) for n, m in layers.items()]
+    model(x)  # in training mode, as calibrated
+    for h in hooks:
+        h.remove()
+    assert bool(layers["stem.0"].act_quant.signed)  # the normalised image has negative values
+    for name, layer in layers.items():
+        # Every inner layer reads a ReLU output, except a separable block's pointwise convs,
+        # which read their depthwise conv's BatchNorm output directly.
+        signed = block == "dwsep" and name.endswith((".pw1.0", ".pw2.0"))
+        if name in ("stem.0", "fc"):
+            continue
+        assert bool(layer.act_quant.signed) == signed, name
+        levels, step = layer.act_quant.split(inputs[name])
+        used = set(levels.unique().tolist())
+        if signed:
+            assert used <= {-2.0, -1.0, 0.0, 1.0}, name
+        else:
+            assert used == {0.0, 1.0, 2.0, 3.0}, name
+        assert step > 0

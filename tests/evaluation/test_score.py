@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -127,3 +131,9 @@ def test_bad_rule_and_passes():
         audit(Tiny(), rule="flops", input_shape=SHAPE)
     with pytest.raises(ValueError, match="passes"):
         audit(Tiny(), passes=0, input_shape=SHAPE)
+
+
+def test_the_committed_score_map_is_what_the_audit_computes_today():
+    script = Path(__file__).parents[2] / "benchmarks" / "frontier.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

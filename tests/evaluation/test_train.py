@@ -7,9 +7,11 @@ from torch import nn
 from microsearch.compression import QuantConfig, calibrated, quantize_
 from microsearch.evaluation import train as train_module
 from microsearch.evaluation.data import DataConfig, load_data
+from microsearch.evaluation.loader import DeviceLoader
 from microsearch.evaluation.train import (
     TrainConfig,
     TrainingDiverged,
+    distillation_loss,
     evaluate,
     lr_at,
     resolve_precision,
@@ -234,3 +236,43 @@ def test_the_fast_recipe_fine_tunes_a_pruned_model(small_data):
     zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.Conv2d))
     total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
     assert zeros / total == pytest.approx(0.5, abs=0.01)  # the EMA weights kept the pruned zeros
+
+
+def test_distillation_loss_is_the_temperature_scaled_kl_divergence():
+    t = 2.0
+    teacher = torch.tensor([[2 * math.log(3), 0.0]])  # softened: p = (3/4, 1/4)
+    student = torch.zeros(1, 2)  # softened: q = (1/2, 1/2)
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert distillation_loss(student, teacher, t).item() == pytest.approx(kl * t * t, rel=1e-6)
+    assert distillation_loss(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-7)
+    batch = torch.randn(8, 10)
+    assert distillation_loss(batch, batch.roll(1, 0), 4.0) > 0
+
+
+def _always_class_0() -> nn.Module:
+    teacher = create_model("resnet", width=2, blocks=(1, 1, 1))
+    with torch.no_grad():
+        teacher.fc.weight.zero_()
+        teacher.fc.bias.copy_(torch.tensor([8.0] + [0.0] * 9))
+    return teacher
+
+
+def test_a_student_distilled_alone_follows_its_teacher_not_the_labels(small_data):
+    teacher = _always_class_0()
+    before = [p.clone() for p in teacher.parameters()]
+    config = TrainConfig(epochs=2, batch_size=64, lr=0.1, distill=1.0, temperature=1.0)
+    torch.manual_seed(0)
+    student = create_model("resnet", width=8, blocks=(1, 1, 1))
+    train(student, small_data, config, teacher=teacher)
+    x = next(iter(DeviceLoader(small_data.val, 400, CPU)))[0]
+    assert (student.eval()(x).argmax(1) == 0).float().mean() > 0.95  # what the teacher says
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))  # teacher untouched
+    torch.manual_seed(0)
+    plain = create_model("resnet", width=8, blocks=(1, 1, 1))
+    history = train(plain, small_data, TrainConfig(epochs=2, batch_size=64, lr=0.1))
+    assert history[-1].val_acc > 0.3  # the same run on the labels learns the classes
+
+
+def test_distillation_without_a_teacher_is_refused(small_data):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train(create_model("resnet", width=2, blocks=(1, 1, 1)), small_data, TrainConfig(epochs=1, distill=0.5))

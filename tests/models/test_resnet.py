@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from microsearch.compression import li_prune
+from microsearch.evaluation import audit
 from microsearch.models import ResNetConfig, create_model, list_models, model_spec
 
 # Parameter counts of the presets (ResNet18 is the kuangliu CIFAR reference, DESIGN.md).
@@ -75,3 +77,69 @@ def test_unknown_model_lists_the_known_ones():
 
 def test_config_accepts_lists_from_files():
     assert ResNetConfig(blocks=[1, 2, 3], multipliers=[1, 2, 4]).blocks == (1, 2, 3)
+
+
+def _layer(score, name):
+    return next(layer for layer in score.layers if layer.name == name)
+
+
+@pytest.mark.parametrize(
+    ("stem", "stem_in", "stem_side"),
+    [("conv", 3, 32), ("stride2", 3, 16), ("s2d", 12, 16)],
+)
+def test_stems_set_the_resolution_of_every_stage_and_are_audited_by_hand(stem, stem_in, stem_side):
+    model = create_model("resnet", width=4, blocks=(1, 1, 1), stem=stem).eval()
+    score = audit(model)
+    conv = _layer(score, "stem.0")
+    n = 4 * stem_side * stem_side  # stem outputs
+    k = 9 * stem_in
+    assert (conv.params, conv.mult_ops, conv.add_ops) == (4 * k, n * k, n * (k - 1))
+    # The first stage runs at the stem's resolution, each later stage at half of the one before.
+    for s, side in enumerate((stem_side, stem_side // 2, stem_side // 4)):
+        c = 4 * 2**s
+        inner = _layer(score, f"stages.{s}.0.conv2.0")
+        assert inner.mult_ops == c * side * side * 9 * c
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_early_downsampling_cuts_the_stage_operations_by_four():
+    full = audit(create_model("resnet20")).raw_ops
+    cheap = audit(create_model("resnet20", stem="stride2")).raw_ops
+    stem_ops = audit(create_model("resnet20")).layers[0].mult_ops
+    assert cheap < full / 3.9 and cheap > (full - stem_ops) / 4 * 0.99
+
+
+def test_inverted_residual_block_counts_by_hand():
+    # width 4, one block per stage, expansion 3: stage 1 (stride 2) is 4 -> 24 -> 8 channels.
+    model = create_model("resnet", width=4, blocks=(1, 1, 1), block="mbconv", expansion=3).eval()
+    score = audit(model)
+    block = model.stages[1][0]
+    assert (block.pw1[0].out_channels, block.dw[0].groups, block.pw2[0].out_channels) == (24, 24, 8)
+    assert block.producer is block.pw1[0] and block.consumer is block.pw2[0]
+    expand = _layer(score, "stages.1.0.pw1.0")
+    depthwise = _layer(score, "stages.1.0.dw.0")
+    project = _layer(score, "stages.1.0.pw2.0")
+    assert (expand.params, expand.mult_ops) == (4 * 24, 24 * 32 * 32 * 4)  # expands at full size
+    assert (depthwise.params, depthwise.mult_ops) == (24 * 9, 24 * 16 * 16 * 9)  # strides
+    assert (project.params, project.mult_ops) == (24 * 8, 8 * 16 * 16 * 24)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_filter_pruning_shrinks_the_inverted_residual_middle():
+    model = create_model("resnet", width=4, blocks=(1, 1, 1), block="mbconv", expansion=2)
+    smaller = li_prune(model, 0.5)
+    block = smaller.stages[2][0]
+    assert (block.pw1[0].out_channels, block.dw[0].in_channels, block.pw2[0].in_channels) == (16, 16, 16)
+    assert smaller(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_fractional_stage_multipliers_round_the_channels():
+    model = create_model("resnet", width=10, blocks=(1, 1, 1), multipliers=(1, 1.5, 3.25))
+    assert [stage[0].conv2[0].out_channels for stage in model.stages] == [10, 15, 32]
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [({"stem": "pool"}, "stem"), ({"expansion": 0}, "expansion")])
+def test_bad_stem_and_expansion_are_named(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        create_model("resnet", **kwargs)

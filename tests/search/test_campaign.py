@@ -43,7 +43,7 @@ def test_an_interrupted_campaign_resumes_without_repeating_a_trial_or_an_epoch(t
 
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert f"candidate trial {trial}: resuming from its checkpoints" in err
+    assert f"[retrain] candidate trial {trial}: resuming from its checkpoints" in err
     epochs = [int(e) for e in re.findall(rf"\[retrain trial {trial}\] epoch (\d+)/6", err)]
     assert epochs == list(range(stopped_at + 1, 7))  # no finished epoch trained again
     after = open_study(study, storage).get_trials()

@@ -61,3 +61,40 @@ def test_starting_point_is_inside_the_space(tiny_study):
     plan = suggest(trial, study)
     assert trial.params == point
     assert set(plan.quant.layer_bits.values()) == {(4, 4)}
+
+
+def test_the_record_space_samples_stems_blocks_stage_widths_and_distillation(tiny_study):
+    settings = [
+        "space.stems=['conv', 'stride2', 's2d']",
+        "space.blocks=['basic', 'mbconv']",
+        "space.expansion=[2, 5]",
+        "space.stage_scale=[0.5, 1.5]",
+        "space.act_bits=[2, 4]",
+        "distill.teacher='resnet'",
+        "distill.weight=[0.5, 0.9]",
+        "distill.temperature=[2.0, 6.0]",
+    ]
+    study = load_study(tiny_study(), settings)
+    seen = set()
+    for seed in range(12):
+        trial, plan = _sample(study, seed)
+        p = trial.params
+        seen |= {p["stem"], p["block"]}
+        assert plan.model["stem"] == p["stem"] and plan.model["block"] == p["block"]
+        assert ("expansion" in p) == (p["block"] == "mbconv")
+        assert plan.model["expansion"] == p.get("expansion", 1)
+        width = p["width"]
+        assert plan.model["multipliers"] == (1 * p["s0_scale"], 2 * p["s1_scale"])
+        model = create_model(MODEL, **plan.model)
+        assert model.stages[1][0].shortcut[0].out_channels == max(1, round(width * 2 * p["s1_scale"]))
+        assert (plan.train.distill, plan.train.temperature) == (p["distill"], p["temperature"])
+        assert 0.5 <= p["distill"] <= 0.9 and 2 <= p["temperature"] <= 6
+        assert {plan.quant.layer_bits[n][1] for n in plan.quant.layer_bits} <= {2, 3, 4}
+    assert seen == {"conv", "stride2", "s2d", "basic", "mbconv"}
+    (point,) = starting_points(study)
+    assert point["stem"] == "conv" and point["s0_scale"] == 1.0 and point["distill"] == 0.9
+
+
+def test_without_a_teacher_trials_do_not_distil(tiny_study):
+    trial, plan = _sample(load_study(tiny_study()))
+    assert plan.train.distill == 0.0 and "distill" not in trial.params

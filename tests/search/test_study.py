@@ -1,9 +1,14 @@
 from pathlib import Path
 
 import pytest
+from optuna.trial import FixedTrial
 
 from microsearch.cli import main
-from microsearch.search import StudyError, load_study
+from microsearch.compression import quantize_
+from microsearch.evaluation import audit
+from microsearch.models import create_model
+from microsearch.search import StudyError, load_study, starting_points, suggest
+from microsearch.search.space import MODEL
 
 STUDIES = Path(__file__).parents[2] / "studies"
 
@@ -68,3 +73,16 @@ def test_an_unreachable_storage_fails_with_one_line(tiny_study, capsys):
 def test_missing_study_file(capsys):
     assert main(["search", "no/such.toml"]) == 2
     assert "no study file at no/such.toml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(STUDIES.glob("*.toml")), ids=lambda p: p.name)
+def test_every_committed_study_loads_and_its_starting_points_build(path):
+    study = load_study(path)
+    base = starting_points(study)[0]
+    for point in [base, *study.enqueue]:
+        unknown = set(point) - set(base) - {"expansion"}
+        assert not unknown, f"{path.name}: enqueued parameters outside the space: {unknown}"
+        plan = suggest(FixedTrial({**base, **point}), study)
+        model = create_model(MODEL, **plan.model)
+        quantize_(model, plan.quant)
+        assert audit(model).score > 0

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Part 1 on a real network: a float ResNet-20 trained on the JPEG images with the fast recipe, then
+# every pruning method of `microsearch sweep` over a range of ratios; the methods that retrain get
+# the same fine-tuning budget (Han et al. spreads it over its steps). Resumable: run it again and
+# finished steps are skipped (the training resumes from its per-epoch checkpoint).
+#   bash benchmarks/part1_jpeg.sh [OUT] [EPOCHS] [FINETUNE_EPOCHS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results/2026-11-25-part1-jpeg}
+EPOCHS=${2:-30}
+FT=${3:-3}
+DATA=imagefolder:~/data/cifar10-jpeg
+MODEL=runs/part1-jpeg/resnet20
+ms() { echo "+ microsearch $*" >&2; .venv/bin/microsearch "$@"; }
+
+[ -f $MODEL/model.pt ] || ms train --data $DATA --model resnet20 --epochs $EPOCHS --recipe fast --out $MODEL
+mkdir -p "$OUT"
+sweep() {  # METHOD RATIOS [options]: skipped when OUT/sweep.json holds the method already
+  grep -q "\"method\": \"$1\"" "$OUT/sweep.json" 2>/dev/null && return 0
+  ms sweep $MODEL/model.pt --data $DATA --out "$OUT" --method "$1" --ratios "$2" "${@:3}"
+}
+sweep random 0.3,0.5,0.7,0.8,0.9
+sweep global 0.3,0.5,0.7,0.8,0.9
+sweep han 0.5,0.7,0.8,0.9 --finetune-epochs $FT
+sweep li 0.2,0.4,0.6 --finetune-epochs $FT
+sweep thinet 0.2,0.4,0.6 --finetune-epochs $FT

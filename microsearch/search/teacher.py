@@ -1,0 +1,112 @@
+"""The distillation teacher of a study: trained once, cached, shared by every worker and the retrain.
+
+The cache key is a hash of everything that shapes the teacher: its model and training settings and
+the training images (source, validation split, seed). It lives in the study's artifact folder,
+``teachers/<key>/model.pt``, beside its per-epoch checkpoint while it trains; a file lock makes a
+second worker on the host wait for the first instead of training its own, and a run stopped while
+training the teacher resumes it. The teacher trains on the study's training split only, so the
+validation images stay unseen by every model that takes part in model selection.
+"""
+
+import fcntl
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from torch import nn
+
+from microsearch.checkpoint import load_model, save_model
+from microsearch.evaluation.data import Dataset, load_data
+from microsearch.evaluation.train import EpochStats, TrainConfig, evaluate, print_progress, resolve_device, train
+from microsearch.models import create_model
+from microsearch.search.study import StudyConfig
+
+
+def teacher_config(study: StudyConfig) -> dict:
+    """What defines the teacher (the cache key is its hash)."""
+    d = study.distill
+    data = {k: v for k, v in asdict(study.data).items() if k != "cache_dir"}
+    return {
+        "model": d.teacher,
+        "args": d.teacher_args,
+        "epochs": d.teacher_epochs,
+        "recipe": d.teacher_recipe,
+        "lr": d.teacher_lr,
+        "batch_size": study.budget.batch_size,
+        "seed": study.seed,
+        "data": data,
+    }
+
+
+def teacher_path(study: StudyConfig) -> Path:
+    key = hashlib.sha256(json.dumps(teacher_config(study), sort_keys=True).encode()).hexdigest()[:16]
+    return study.artifacts_dir / "teachers" / key / "model.pt"
+
+
+def ensure_teacher(
+    study: StudyConfig, data: Dataset | None = None, log: Callable[[str], None] = print
+) -> tuple[nn.Module, dict] | None:
+    """The study's teacher and its metadata (``val_acc`` among them), trained first if no worker
+    has yet; None when the study does not distil. ``data``: the study's own split, if loaded."""
+    d = study.distill
+    if not d.teacher:
+        return None
+    path = teacher_path(study)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not path.is_file():
+            _train_teacher(study, path, data or load_data(study.data), log)
+    model, meta = load_model(path)
+    log(f"[teacher] {d.teacher} from {path}: validation accuracy {meta['val_acc']:.2%}")
+    return model, meta
+
+
+def _train_teacher(study: StudyConfig, path: Path, data: Dataset, log: Callable[[str], None]) -> None:
+    d = study.distill
+    config = TrainConfig(
+        epochs=d.teacher_epochs,
+        batch_size=study.budget.batch_size,
+        lr=d.teacher_lr,
+        recipe=d.teacher_recipe,
+        precision=study.precision,
+        compile=study.compile,
+        seed=study.seed,
+        device=study.device,
+    )
+    checkpoint = path.parent / "train.ckpt"
+    log(
+        f"[teacher] training {d.teacher} for {d.teacher_epochs} epochs on {len(data.train)} images"
+        + (" (resuming)" if checkpoint.is_file() else "")
+    )
+
+    def show(s: EpochStats) -> None:
+        left = s.seconds / s.epoch * (config.epochs - s.epoch)
+        log(f"[teacher] epoch {s.epoch}/{config.epochs}  val {s.val_acc:.1%}  {s.seconds:.0f}s  eta {left:.0f}s")
+
+    model = create_model(d.teacher, **d.teacher_args)
+    history = train(model, data, config, on_epoch=show, on_progress=print_progress, checkpoint=checkpoint)
+    device = resolve_device(config.device)
+    accuracy = evaluate(model, data.val, device, precision=config.precision).accuracy
+    meta = {
+        "teacher": teacher_config(study),
+        "val_acc": accuracy,
+        "train": asdict(config),
+        "history": [asdict(h) for h in history],
+        "seconds": history[-1].seconds,
+    }
+    save_model(path, model.cpu(), meta)
+    checkpoint.unlink()
+
+
+def teacher_record(study: StudyConfig, meta: dict) -> dict:
+    """What the study, the model card and the report say about the teacher."""
+    return {
+        "model": study.distill.teacher,
+        "args": study.distill.teacher_args,
+        "epochs": study.distill.teacher_epochs,
+        "val_acc": meta["val_acc"],
+        "file": str(teacher_path(study)),
+    }

@@ -1,0 +1,108 @@
+"""Two budgets (trial target, [retrain]), the distillation teacher cache, retrain --top K."""
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from microsearch.cli import main
+from microsearch.evaluation.data import Split
+from microsearch.search import load_study, open_study
+from microsearch.search.teacher import ensure_teacher, teacher_path
+
+retrain_module = importlib.import_module("microsearch.search.retrain")  # the package exports the function
+DISTIL = [
+    "distill.teacher='resnet'",
+    "distill.teacher_args={width = 8, blocks = [1, 1, 1]}",
+    "distill.teacher_epochs=3",
+    "distill.teacher_recipe='baseline'",
+    "distill.weight=[0.5, 0.9]",
+]
+
+
+def test_the_trial_target_defaults_to_the_target_and_can_differ(tiny_study):
+    path = tiny_study(target=0.6)
+    assert load_study(path).trial_target == 0.6
+    assert load_study(path, ["trial_target=0.4"]).trial_target == 0.4
+    with pytest.raises(ValueError, match="trial_target"):
+        load_study(path, ["trial_target=1.5"])
+
+
+def test_the_teacher_is_trained_once_and_keyed_by_its_configuration(tiny_study):
+    study = load_study(tiny_study(images=600), DISTIL)
+    lines = []
+    model, meta = ensure_teacher(study, log=lines.append)
+    assert sum("[teacher] training" in line for line in lines) == 1
+    assert teacher_path(study).is_file() and 0 <= meta["val_acc"] <= 1
+    assert not (teacher_path(study).parent / "train.ckpt").exists()  # removed once trained
+    again = []
+    model2, meta2 = ensure_teacher(study, log=again.append)  # a second worker, a resumed study
+    assert not any("training" in line for line in again) and meta2["val_acc"] == meta["val_acc"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    longer = load_study(study.path, [*DISTIL, "distill.teacher_epochs=4"])
+    assert teacher_path(longer) != teacher_path(study)
+    assert ensure_teacher(load_study(study.path)) is None  # no teacher configured: no distillation
+
+
+def test_a_wrong_teacher_is_named_before_training(tiny_study):
+    with pytest.raises(ValueError, match="unknown model argument"):
+        load_study(tiny_study(), ["distill.teacher='resnet'", "distill.teacher_args={depth = 3}"])
+
+
+def test_retrain_top_k_chooses_on_validation_and_reads_the_test_split_once_at_the_end(
+    tiny_study, tmp_path, monkeypatch, capsys
+):
+    path = tiny_study(target=0.5, images=1000, epochs=3)
+    settings = [*DISTIL, "trial_target=0.12", "retrain.epochs=4", "retrain.finetune_epochs=1"]
+    flags = [f for s in settings for f in ("--set", s)]
+    assert main(["search", str(path), "--n-trials", "3", *flags]) == 0
+    study = load_study(path, settings)
+    optuna_study = open_study(study)
+    assert optuna_study.user_attrs["teacher"]["model"] == "resnet"
+    assert all(0.5 <= t.params["distill"] <= 0.9 for t in optuna_study.trials if t.params)
+    out = tmp_path / "final"
+    # (candidate cards written, final card written) whenever test images are read (the cards
+    # count the test images beforehand; that reads the length of their labels, not the images)
+    reads = []
+
+    class Watched(Split):
+        def __getattribute__(self, name):
+            if name == "images":
+                cards = len(list(out.glob("candidates/*/model_card.json")))
+                reads.append((cards, (out / "model_card.json").exists()))
+            return super().__getattribute__(name)
+
+    real_load, tested = retrain_module.load_data, []
+
+    def load_watched(config):
+        data = real_load(config)
+        data.test = Watched(data.test.images, data.test.labels)
+        return data
+
+    def evaluate_counted(model, split, *args, **kwargs):
+        tested.append(isinstance(split, Watched))
+        return real_evaluate(model, split, *args, **kwargs)
+
+    real_evaluate = retrain_module.evaluate
+    monkeypatch.setattr(retrain_module, "load_data", load_watched)
+    monkeypatch.setattr(retrain_module, "evaluate", evaluate_counted)
+    capsys.readouterr()
+    assert main(["retrain", str(path), "--top", "2", "--out", str(out), *flags]) == 0
+    candidates = [json.loads(p.read_text()) for p in out.glob("candidates/*/model_card.json")]
+    assert len(candidates) == 2 and all(c["test_acc"] is None for c in candidates)
+    assert reads and all(r == (2, False) for r in reads)  # only after both candidates, before the card
+    assert tested.count(True) == 1  # one evaluation of the test split
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["test_acc"] is not None and card["trial"] in {c["trial"] for c in candidates}
+    assert card["budget"] == {"epochs": 4, "finetune_epochs": 1, "recipe": "baseline"}
+    assert card["teacher"]["val_acc"] == optuna_study.user_attrs["teacher"]["val_acc"]
+    assert (card["target"], card["trial_target"]) == (0.5, 0.12)
+    complete = [t for t in optuna_study.trials if t.state.name == "COMPLETE"]
+    feasible = sorted((t for t in complete if t.user_attrs["val_acc"] >= 0.12), key=lambda t: t.value)
+    expected = feasible[:2] or sorted(complete, key=lambda t: -t.user_attrs["val_acc"])[:2]
+    assert sorted(c["trial"] for c in candidates) == sorted(t.number for t in expected)
+    err = capsys.readouterr().err
+    assert "[retrain trial" in err and "epoch 5/5" in err  # 4 epochs + 1 fine-tuning epoch
+    assert main(["retrain", str(path), "--top", "2", "--trial", "0", "--out", str(out), *flags]) == 2
+    assert "leave out --trial" in capsys.readouterr().err
