@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/2026-11-25-record-variants-jpeg}
-EPOCHS=${2:-8}
+EPOCHS=${2:-5}
 DATA=imagefolder:~/data/cifar10-jpeg
 TEACHER=runs/part1-jpeg/resnet20/model.pt  # written by benchmarks/part1_jpeg.sh
 mkdir -p "$OUT"

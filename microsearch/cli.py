@@ -19,7 +19,7 @@ from microsearch.checkpoint import load_model, save_model
 from microsearch.compression import QuantConfig, quantize_
 from microsearch.evaluation import RULES, Score, audit
 from microsearch.evaluation.data import DataConfig, load_data
-from microsearch.evaluation.plots import sweep_figure, write_html
+from microsearch.evaluation.plots import export_html, sweep_figure, write_html
 from microsearch.evaluation.sweep import (
     METHODS,
     SweepContext,
@@ -262,6 +262,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     rows = run_sweep(args.checkpoint, args.method, ratios, ctx, log=_log)
     merged = save_rows(out, rows)
     write_html(sweep_figure(merged), out / "sweep.html")
+    if args.png:
+        export_html(out / "sweep.html", out / "sweep.png", height=500)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -378,7 +380,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         Path(args.sweeps) if args.sweeps else None,
         Path(args.model) if args.model else None,
     )
-    print(f"wrote {html_path} and {md_path}")
+    written = [html_path, md_path]
+    if args.pdf:
+        written.append(export_html(html_path, html_path.with_suffix(".pdf")))
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
 
@@ -485,6 +490,7 @@ def _build_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for report.html and report.md")
     p.add_argument("--sweeps", help="a folder written by `microsearch sweep`, to include")
     p.add_argument("--model", help="a folder written by `microsearch retrain`, to include its card")
+    p.add_argument("--pdf", action="store_true", help="also print the report to report.pdf (needs Chromium)")
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -569,6 +575,7 @@ def _build_sweep(p: argparse.ArgumentParser) -> None:
         help="li only: run Li et al.'s per-block analysis first and skip sensitive blocks",
     )
     p.add_argument("--device", default="auto")
+    p.add_argument("--png", action="store_true", help="also write sweep.png, the figure as an image (needs Chromium)")
     _add_speed_args(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
 

@@ -1,5 +1,7 @@
 """Plotly figures, written as self-contained HTML. plotly is imported lazily: nothing else needs it."""
 
+import shutil
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 
@@ -39,6 +41,24 @@ def write_html(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.write_html(path, include_plotlyjs=True, full_html=True)
     return path
+
+
+def export_html(html: str | Path, out: str | Path, width: int = 1280, height: int = 720) -> Path:
+    """Render ``html`` in headless Chromium (the system's ``chromium``) to ``out``: a PDF when it
+    ends in .pdf, else a PNG screenshot of ``width`` x ``height`` pixels. For readers without a
+    browser at hand; plotly.js runs before the page is captured."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        raise RuntimeError("exporting to PDF or PNG needs Chromium on the PATH (apt-get install chromium)")
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target = f"--print-to-pdf={out}" if out.suffix == ".pdf" else f"--screenshot={out}"
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-pdf-header-footer"]
+    args += [f"--window-size={width},{height}", "--virtual-time-budget=10000", target, Path(html).resolve().as_uri()]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"Chromium could not export {html}: {done.stderr.strip()[-300:]}")
+    return out
 
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b"]

@@ -270,7 +270,8 @@ def test_a_student_distilled_alone_follows_its_teacher_not_the_labels(small_data
     torch.manual_seed(0)
     plain = create_model("resnet", width=8, blocks=(1, 1, 1))
     history = train(plain, small_data, TrainConfig(epochs=2, batch_size=64, lr=0.1))
-    assert history[-1].val_acc > 0.3  # the same run on the labels learns the classes
+    assert history[-1].val_acc > 0.15  # the same run on the labels learns the classes (chance: 0.10)
+    assert (plain.eval()(x).argmax(1) == 0).float().mean() < 0.5
 
 
 def test_distillation_without_a_teacher_is_refused(small_data):

@@ -103,3 +103,16 @@ def test_report_page_renders_its_plot(searched, browser, tmp_path):
     assert page.locator(".scatterlayer .point").count() >= len(completed)  # one marker per trial at least
     assert page.get_by_role("heading", name="Accuracy vs score").count() == 1
     page.screenshot(path=str(_shots(tmp_path) / "report.png"), full_page=True)
+
+
+def test_figures_and_reports_export_to_png_and_pdf(tmp_path):
+    from microsearch.evaluation.plots import export_html, sweep_figure, write_html
+
+    rows = [{"method": "global", "ratio": r, "val_acc": 0.9 - r / 2, "score": 0.1 - r / 20} for r in (0.1, 0.5, 0.9)]
+    html = write_html(sweep_figure(rows), tmp_path / "sweep.html")
+    png = export_html(html, tmp_path / "sweep.png", width=900, height=400)
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) == (900, 400)
+    pdf = export_html(html, tmp_path / "sweep.pdf")
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5000
