@@ -2,7 +2,9 @@
 # Part 1 on a real network: a float ResNet-20 trained on the JPEG images with the fast recipe, then
 # every pruning method of `microsearch sweep` over a range of ratios; the methods that retrain get
 # the same fine-tuning budget (Han et al. spreads it over its steps). Resumable: run it again and
-# finished steps are skipped (the training resumes from its per-epoch checkpoint).
+# finished steps are skipped (the training resumes from its per-epoch checkpoint). The trained model
+# is kept beside the results (OUT/resnet20/model.pt, 1.1 MB): the sweeps and the session study's
+# distillation teacher (studies/cifar10-jpeg-cpu-session.toml) read it there.
 #   bash benchmarks/part1_jpeg.sh [OUT] [EPOCHS] [FINETUNE_EPOCHS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,11 +12,14 @@ OUT=${1:-benchmarks/results/2026-11-25-part1-jpeg}
 EPOCHS=${2:-30}
 FT=${3:-3}
 DATA=imagefolder:~/data/cifar10-jpeg
-MODEL=runs/part1-jpeg/resnet20
+MODEL=$OUT/resnet20
 ms() { echo "+ microsearch $*" >&2; .venv/bin/microsearch "$@"; }
 
-[ -f $MODEL/model.pt ] || ms train --data $DATA --model resnet20 --epochs $EPOCHS --recipe fast --out $MODEL
-mkdir -p "$OUT"
+if [ ! -f $MODEL/model.pt ]; then
+  ms train --data $DATA --model resnet20 --epochs $EPOCHS --recipe fast --out runs/part1-jpeg/resnet20 --json \
+    > runs/part1-jpeg/train.json
+  mkdir -p $MODEL && cp runs/part1-jpeg/resnet20/model.pt runs/part1-jpeg/train.json $MODEL/
+fi
 sweep() {  # METHOD RATIOS [options]: skipped when OUT/sweep.json holds the method already
   grep -q "\"method\": \"$1\"" "$OUT/sweep.json" 2>/dev/null && return 0
   ms sweep $MODEL/model.pt --data $DATA --out "$OUT" --method "$1" --ratios "$2" "${@:3}"

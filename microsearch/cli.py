@@ -169,6 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     meta = {
         **summary,
+        "model": args.model,
         "data": asdict(data_config),
         "train": asdict(train_config),
         "history": [asdict(h) for h in history],

@@ -16,18 +16,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-CIFAR10_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
@@ -83,7 +71,7 @@ def _cifar10(arg: str, config: DataConfig) -> tuple[Split, Split | None, list[st
             raise DataError(f"cannot get CIFAR-10 into {root}: {e}") from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         splits.append(Split(images, torch.tensor(ds.targets, dtype=torch.int64)))
-    return splits[0], splits[1], list(CIFAR10_CLASSES)
+    return splits[0], splits[1], list(ds.classes)
 
 
 def _list_tree(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:

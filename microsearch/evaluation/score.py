@@ -4,7 +4,7 @@
 
 Parameters and nonzeros are counted from the tensors, operations from the layers a forward pass
 actually runs, bits from the quantizers (or the dtype) of each layer. Structured pruning is
-physical, so removed channels are simply absent. See DESIGN.md for the two rules.
+physical, so removed channels are simply absent. docs/design.md gives both rules and the test vectors.
 """
 
 import copy

@@ -39,12 +39,17 @@ def goal(study: StudyConfig) -> str:
 def distillation(study: StudyConfig) -> str:
     """Whether and how trials and the retrain distil from a teacher, in words."""
     d = study.distill
-    if not d.teacher:
+    if not d.enabled:
         return "No distillation."
     args = ", ".join(f"{k}={v}" for k, v in d.teacher_args.items())
+    teacher = (
+        f"a float {d.teacher}{f' ({args})' if args else ''} trained once for {d.teacher_epochs} epochs "
+        f"(recipe {d.teacher_recipe}) on the same training images and cached"
+        if d.teacher
+        else f"the saved model {d.teacher_file}, trained on the same training images"
+    )
     return (
-        f"Trials and the retrain distil from a float {d.teacher}{f' ({args})' if args else ''} trained once "
-        f"for {d.teacher_epochs} epochs (recipe {d.teacher_recipe}) on the same training images and cached; "
+        f"Trials and the retrain distil from {teacher}; "
         f"loss = (1 - w) x cross-entropy + w x T^2 x KL(teacher || student) at temperature T "
         f"(w in {list(d.weight)}, T in {list(d.temperature)}). The teacher is not part of the scored model."
     )

@@ -95,6 +95,8 @@ def set_feasibility(trial: optuna.Trial, accuracy: float, target: float) -> None
     """Record ``target - accuracy`` (feasible when <= 0) as the Optuna 5 constraint and, for
     optuna-dashboard, which reads only the legacy list, as the ``constraints`` system attribute."""
     trial.set_constraint("accuracy", target - accuracy)
+    # Optuna 5 has no public setter for system attributes; this one call writes the legacy key
+    # through the storage (test_retrain_report checks that the dashboard still reads it).
     trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [target - accuracy])
 
 

@@ -5,7 +5,8 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import optuna
@@ -45,6 +46,18 @@ def _jsonable(value):  # tuples become lists, as they come back from the storage
     return value
 
 
+@contextmanager
+def _optuna_warnings_only() -> Iterator[None]:
+    """Optuna's INFO lines ("A new study created", "Trial 3 finished ...") repeat what microsearch
+    prints itself: silenced while it drives a study, the caller's level restored afterwards."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
 def artifact_store(study: StudyConfig) -> FileSystemArtifactStore:
     study.artifacts_dir.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(study.artifacts_dir))
@@ -57,7 +70,6 @@ def open_study(study: StudyConfig, storage_url: str | None = None, sampler_seed:
     ``run_worker``): a seed shared by two processes, or reused on a resume, replays the same
     random start-up points, so the study would spend trials on parameter sets it has already run.
     """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # workers print their own progress
     storage = open_storage(storage_url or study.storage_url, study.heartbeat, study.grace)
     with warnings.catch_warnings():  # group=True is "experimental" but is what conditional spaces need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -65,14 +77,15 @@ def open_study(study: StudyConfig, storage_url: str | None = None, sampler_seed:
     pruner = TargetPruner(
         study.trial_target, study.pruner.margin, study.pruner.warmup_epochs, study.pruner.min_feasible
     )
-    optuna_study = optuna.create_study(
-        study_name=study.name,
-        storage=storage,
-        sampler=sampler,
-        pruner=pruner,
-        direction="minimize",
-        load_if_exists=True,
-    )
+    with _optuna_warnings_only():
+        optuna_study = optuna.create_study(
+            study_name=study.name,
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            direction="minimize",
+            load_if_exists=True,
+        )
     definition = _definition(study)
     stored = optuna_study.user_attrs.get("definition")
     if stored is None:
@@ -165,14 +178,15 @@ def run_worker(
         study, data, log, tag, artifact_store(study), sampler_seed, None if teacher is None else teacher[0]
     )
     try:
-        optuna_study.optimize(
-            objective,
-            n_trials=n_trials,
-            timeout=timeout,
-            callbacks=[after_trial],
-            catch=(TrainingDiverged,),
-            gc_after_trial=True,
-        )
+        with _optuna_warnings_only():
+            optuna_study.optimize(
+                objective,
+                n_trials=n_trials,
+                timeout=timeout,
+                callbacks=[after_trial],
+                catch=(TrainingDiverged,),
+                gc_after_trial=True,
+            )
     except KeyboardInterrupt:
         if objective.current is not None:
             requeue_interrupted(optuna_study, objective.current)
@@ -183,10 +197,7 @@ def run_worker(
 def requeue_interrupted(optuna_study: optuna.Study, number: int) -> None:
     """Mark an interrupted trial failed (if Optuna could not) and queue it again, so that a
     restarted worker runs it with the same parameters."""
-    trial = next(t for t in optuna_study.get_trials(deepcopy=False) if t.number == number)
-    if trial.state == TrialState.RUNNING:
-        optuna_study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        trial = optuna_study._storage.get_trial(trial._trial_id)
+    trial = optuna_study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
     if trial.state == TrialState.FAIL:
         RetryHeartbeatStaleTrialCallback()(optuna_study, trial)
 

@@ -91,8 +91,8 @@ def suggest(trial: optuna.trial.BaseTrial, study: StudyConfig) -> TrialPlan:
         label_smoothing=trial.suggest_float("label_smoothing", *space.label_smoothing),
         mixup=trial.suggest_float("mixup", *space.mixup),
         cutout=trial.suggest_int("cutout", *space.cutout),
-        distill=_float(trial, "distill", distill.weight) if distill.teacher else 0.0,
-        temperature=_float(trial, "temperature", distill.temperature) if distill.teacher else 4.0,
+        distill=_float(trial, "distill", distill.weight) if distill.enabled else 0.0,
+        temperature=_float(trial, "temperature", distill.temperature) if distill.enabled else 4.0,
         tta=budget.tta,
         recipe=budget.recipe,
         precision=study.precision,
@@ -154,7 +154,7 @@ def starting_points(study: StudyConfig) -> list[dict[str, Any]]:
         ("distill", study.distill.weight, 0.9),
         ("temperature", study.distill.temperature, 4.0),
     ):
-        if study.distill.teacher and bounds[0] < bounds[1]:
+        if study.distill.enabled and bounds[0] < bounds[1]:
             point[name] = clamp(usual, bounds)
     for stage, block in units(study, depth):
         u = unit_name(stage, block)

@@ -10,19 +10,12 @@ from pathlib import Path
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 
 class StorageError(RuntimeError):
     """The storage cannot be opened or reached; the message names the URL."""
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest and ":" in rest.split("@")[0]:
-        user = rest.split("@")[0].split(":")[0]
-        return f"{scheme}://{user}:***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def open_storage(url: str, heartbeat: int = 60, grace: int = 180, max_retry: int = 3) -> optuna.storages.BaseStorage:
@@ -52,4 +45,12 @@ def open_storage(url: str, heartbeat: int = 60, grace: int = 180, max_retry: int
             )
     except Exception as e:  # unreachable server, bad URL, missing driver: one line, no traceback
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"cannot open storage {_redact(url)}: {reason}") from None
+        raise StorageError(f"cannot open storage {_hide_password(url)}: {reason}") from None
+
+
+def _hide_password(url: str) -> str:
+    """The URL for messages, its password masked (SQLAlchemy's rendering)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL SQLAlchemy can parse: it has no password field either
+        return url

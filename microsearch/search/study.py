@@ -123,9 +123,11 @@ class RetrainConfig:
 
 @dataclass
 class DistillConfig:
-    """Knowledge distillation from a float teacher, trained once per study and data, then cached."""
+    """Knowledge distillation from a float teacher: one trained once per study and data, then
+    cached, or a saved model trained on the study's training split."""
 
     teacher: str = ""  # a registered model name, e.g. "resnet56"; "": no distillation
+    teacher_file: str = ""  # or a saved model (`microsearch train ... --out DIR`: DIR/model.pt)
     teacher_args: dict = field(default_factory=dict)  # its config overrides, e.g. {width = 32}
     teacher_epochs: int = 30
     teacher_recipe: str = "fast"
@@ -136,6 +138,10 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.teacher_args, dict):
             raise ValueError(f"teacher_args must be a table, got {self.teacher_args!r}")
+        if self.teacher and self.teacher_file:
+            raise ValueError("give distill.teacher (trained once) or distill.teacher_file (saved), not both")
+        if self.teacher_file and not Path(self.teacher_file).expanduser().is_file():
+            raise ValueError(f"distill.teacher_file: no model file at {self.teacher_file}")
         if self.teacher:
             create_model(self.teacher, **self.teacher_args)  # names a wrong model or argument now
         if self.teacher_recipe not in RECIPES:
@@ -146,6 +152,10 @@ class DistillConfig:
             )
         _range("weight", self.weight, 0, 1)
         _range("temperature", self.temperature, 0.1, 100)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher or self.teacher_file)
 
 
 @dataclass

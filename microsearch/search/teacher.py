@@ -6,6 +6,10 @@ the training images (source, validation split, seed). It lives in the study's ar
 second worker on the host wait for the first instead of training its own, and a run stopped while
 training the teacher resumes it. The teacher trains on the study's training split only, so the
 validation images stay unseen by every model that takes part in model selection.
+
+A saved model (``[distill] teacher_file``, e.g. the ``model.pt`` of ``microsearch train``) is used
+as it is, once its card shows it was trained on the same split: same source, validation size and
+seed, so that it never saw the study's validation images.
 """
 
 import fcntl
@@ -41,6 +45,8 @@ def teacher_config(study: StudyConfig) -> dict:
 
 
 def teacher_path(study: StudyConfig) -> Path:
+    if study.distill.teacher_file:
+        return Path(study.distill.teacher_file).expanduser()
     key = hashlib.sha256(json.dumps(teacher_config(study), sort_keys=True).encode()).hexdigest()[:16]
     return study.artifacts_dir / "teachers" / key / "model.pt"
 
@@ -51,9 +57,14 @@ def ensure_teacher(
     """The study's teacher and its metadata (``val_acc`` among them), trained first if no worker
     has yet; None when the study does not distil. ``data``: the study's own split, if loaded."""
     d = study.distill
-    if not d.teacher:
+    if not d.enabled:
         return None
     path = teacher_path(study)
+    if d.teacher_file:
+        model, meta = load_model(path)
+        _check_split(study, path, meta)
+        log(f"[teacher] {path}: validation accuracy {meta['val_acc']:.2%}")
+        return model, meta
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
@@ -62,6 +73,22 @@ def ensure_teacher(
     model, meta = load_model(path)
     log(f"[teacher] {d.teacher} from {path}: validation accuracy {meta['val_acc']:.2%}")
     return model, meta
+
+
+def _check_split(study: StudyConfig, path: Path, meta: dict) -> None:
+    """Refuse a saved teacher that was not trained on the study's training split."""
+
+    def split(data: dict) -> tuple:
+        kind, _, where = str(data.get("source", "")).partition(":")
+        where = str(Path(where).expanduser().resolve()) if where and kind == "imagefolder" else where
+        return f"{kind}:{where}", data.get("val_size"), data.get("seed")
+
+    theirs, ours = split(meta.get("data") or {}), split(asdict(study.data))
+    if theirs != ours or "val_acc" not in meta:
+        raise ValueError(
+            f"distill.teacher_file {path} was trained on (source, val_size, seed) = {theirs}, the study "
+            f"holds out {ours}: its teacher must not have seen the validation images"
+        )
 
 
 def _train_teacher(study: StudyConfig, path: Path, data: Dataset, log: Callable[[str], None]) -> None:
@@ -103,10 +130,12 @@ def _train_teacher(study: StudyConfig, path: Path, data: Dataset, log: Callable[
 
 def teacher_record(study: StudyConfig, meta: dict) -> dict:
     """What the study, the model card and the report say about the teacher."""
+    d = study.distill
+    trained = meta.get("train", {})
     return {
-        "model": study.distill.teacher,
-        "args": study.distill.teacher_args,
-        "epochs": study.distill.teacher_epochs,
+        "model": d.teacher or meta.get("model", "saved"),
+        "args": d.teacher_args if d.teacher else {},
+        "epochs": d.teacher_epochs if d.teacher else trained.get("epochs"),
         "val_acc": meta["val_acc"],
         "file": str(teacher_path(study)),
     }

@@ -5,7 +5,7 @@ from microsearch.compression import li_prune
 from microsearch.evaluation import audit
 from microsearch.models import ResNetConfig, create_model, list_models, model_spec
 
-# Parameter counts of the presets (ResNet18 is the kuangliu CIFAR reference, DESIGN.md).
+# Parameter counts of the presets (ResNet18 is the kuangliu CIFAR reference, docs/design.md).
 PARAMS = {
     "resnet": 272_474,
     "resnet20": 272_474,

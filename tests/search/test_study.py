@@ -62,12 +62,12 @@ def test_a_bad_study_file_fails_in_the_cli_before_any_training(tiny_study, capsy
     assert "epoch" not in err
 
 
-def test_an_unreachable_storage_fails_with_one_line(tiny_study, capsys):
-    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
+def test_an_unreachable_storage_fails_with_one_line_that_hides_the_password(tiny_study, capsys):
+    url = "postgresql+psycopg://nobody:s3cret@127.0.0.1:1/none"
     assert main(["search", str(tiny_study()), "--storage", url]) == 2
     err = capsys.readouterr().err
-    assert "cannot open storage postgresql+psycopg://nobody@127.0.0.1:1/none" in err
-    assert len(err.strip().splitlines()) == 1
+    assert "cannot open storage postgresql+psycopg://nobody:***@127.0.0.1:1/none" in err
+    assert "s3cret" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_study_file(capsys):
@@ -86,3 +86,17 @@ def test_every_committed_study_loads_and_its_starting_points_build(path):
         model = create_model(MODEL, **plan.model)
         quantize_(model, plan.quant)
         assert audit(model).score > 0
+
+
+def test_opening_a_study_quiets_optuna_only_while_it_runs(tiny_study, caplog, monkeypatch):
+    import optuna
+
+    from microsearch.search import open_study
+
+    monkeypatch.setattr(optuna.logging.get_logger("optuna"), "propagate", True)  # to caplog
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    open_study(load_study(tiny_study()))  # creates it: Optuna's "A new study created" line is not shown
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO  # the caller's level, unchanged
+    assert "A new study created" not in caplog.text
+    optuna.create_study()  # outside microsearch the caller's level applies
+    assert "A new study created" in caplog.text

@@ -171,3 +171,20 @@ def test_running_the_same_search_twice_never_repeats_a_parameter_set(tiny_study,
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
     seeds = {t.user_attrs["sampler_seed"] for t in trials}
     assert len(seeds) == 2  # one fresh seed per process, recorded with each trial
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_an_interrupted_trial_is_failed_and_queued_again_with_its_parameters():
+    from microsearch.search.run import requeue_interrupted
+
+    study = optuna.create_study()
+    running = study.ask()
+    x = running.suggest_float("x", 0, 1)
+    requeue_interrupted(study, running.number)
+    trials = study.get_trials()
+    assert [(t.state, t.params) for t in trials] == [(TrialState.FAIL, {"x": x}), (TrialState.WAITING, {"x": x})]
+    retry = study.ask()
+    assert retry.number == 1 and retry.suggest_float("x", 0, 1) == x
+    study.tell(retry, 0.5)
+    requeue_interrupted(study, retry.number)  # a finished trial is left as it is
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
