@@ -83,7 +83,7 @@ def table() -> str:
     for name, accuracy, model, bits, *sparsity in ROWS:
         s = audit(_build(model, bits, *sparsity))
         lines.append(
-            f"| {name} | {accuracy} | {s.raw_params:,} | {s.nonzero_params:,} | {s.raw_ops:,} | "
+            f"| {name} | {accuracy} | {s.params:,} | {s.nonzero_params:,} | {s.ops:,} | "
             f"{s.param_term:.5f} | {s.ops_term:.5f} | **{s.score:.5f}** |"
         )
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ import torch
 from microsearch import __version__
 from microsearch.checkpoint import load_model, save_model
 from microsearch.compression import QuantConfig, quantize_
-from microsearch.evaluation import RULES, Score, audit
+from microsearch.evaluation import RULES, audit
 from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.plots import export_html, sweep_figure, write_html
 from microsearch.evaluation.sweep import (
@@ -44,6 +44,7 @@ from microsearch.evaluation.train import (
     resolve_precision,
     train,
 )
+from microsearch.evaluation.views import score_text
 from microsearch.models import create_model, list_models
 
 
@@ -66,23 +67,6 @@ def _log(message: str) -> None:
     print(clear + message, file=sys.stderr, flush=True)
 
 
-def _score_table(score: Score) -> str:
-    head = f"{'layer':<28} {'kind':<16} {'params':>9} {'nonzero':>9} {'w/a/b bits':>10} {'ops':>12}"
-    rows = [head, "-" * len(head)]
-    for layer in score.layers:
-        bits = f"{layer.weight_bits}/{layer.act_bits}/{layer.bias_bits}"
-        ops = layer.mult_ops + layer.add_ops
-        rows.append(f"{layer.name:<28} {layer.kind:<16} {layer.params:>9,} {layer.nonzero:>9,} {bits:>10} {ops:>12,}")
-    rows += [
-        "-" * len(head),
-        f"rule {score.rule}, {score.passes} forward pass(es) per image",
-        f"parameters {score.raw_params:,} ({score.nonzero_params:,} nonzero), operations {score.raw_ops:,}",
-        f"32-bit equivalents: params {score.params:,.1f}, ops {score.ops:,.1f}",
-        f"score = {score.param_term:.4f} (params) + {score.ops_term:.4f} (ops) = {score.score:.4f}",
-    ]
-    return "\n".join(rows)
-
-
 def cmd_score(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.model is None):
         raise ValueError("give either a model file or --model NAME")
@@ -99,7 +83,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             quantize_(model, _quant_config(args))
         passes = 1
     score = audit(model, rule=args.rule or "lab4", passes=passes)
-    print(json.dumps(score.to_dict(), indent=2) if args.json else _score_table(score))
+    print(json.dumps(score.to_dict(), indent=2) if args.json else score_text(score.to_dict()))
     return 0
 
 

@@ -32,7 +32,7 @@ def test_score_reproduces_the_micronet_reference(capsys):
     )
     result = json.loads(out)
     assert code == 0
-    assert result["params"] == 5_586_981 and result["ops"] == 834_362_880
+    assert result["params_32bit"] == 5_586_981 and result["ops_32bit"] == 834_362_880
     assert result["score"] == pytest.approx(2.0)
     assert result["nonzero_params"] == 11_173_962
     assert len(result["layers"]) == 41  # 20 convs (3 of them shortcuts), 20 BatchNorms, 1 linear

@@ -43,8 +43,8 @@ class LayerCost:
     bias_bits: int
     mult_ops: int  # bit-scaled under every rule
     add_ops: int  # bit-scaled under lab4, full cost under micronet
-    weighted_params: float  # nonzeros in 32-bit equivalents
-    weighted_ops: float  # operations in 32-bit equivalents
+    params_32bit: float  # nonzeros in 32-bit equivalents (scaled by their bits)
+    ops_32bit: float  # operations in 32-bit equivalents (scaled by the rule's bit ratio)
 
 
 @dataclass
@@ -54,7 +54,8 @@ class Score:
     layers: list[LayerCost] = field(default_factory=list)
 
     @property
-    def raw_params(self) -> int:
+    def params(self) -> int:
+        """All parameters, counted."""
         return sum(layer.params for layer in self.layers)
 
     @property
@@ -62,31 +63,34 @@ class Score:
         return sum(layer.nonzero for layer in self.layers)
 
     @property
-    def raw_ops(self) -> int:
+    def ops(self) -> int:
+        """All operations of one prediction (every test-time augmentation pass), counted."""
         return self.passes * sum(layer.mult_ops + layer.add_ops for layer in self.layers)
 
     @property
-    def params(self) -> float:
-        return sum(layer.weighted_params for layer in self.layers)
+    def params_32bit(self) -> float:
+        """Nonzero parameters in 32-bit equivalents: what the parameter term divides."""
+        return sum(layer.params_32bit for layer in self.layers)
 
     @property
-    def ops(self) -> float:
-        return self.passes * sum(layer.weighted_ops for layer in self.layers)
+    def ops_32bit(self) -> float:
+        """Operations in 32-bit equivalents: what the operations term divides."""
+        return self.passes * sum(layer.ops_32bit for layer in self.layers)
 
     @property
     def param_term(self) -> float:
-        return self.params / RULES[self.rule].param_ref
+        return self.params_32bit / RULES[self.rule].param_ref
 
     @property
     def ops_term(self) -> float:
-        return self.ops / RULES[self.rule].ops_ref
+        return self.ops_32bit / RULES[self.rule].ops_ref
 
     @property
     def score(self) -> float:
         return self.param_term + self.ops_term
 
     def to_dict(self) -> dict:
-        keys = ("params", "nonzero_params", "ops", "raw_params", "raw_ops")
+        keys = ("params", "nonzero_params", "ops", "params_32bit", "ops_32bit")
         summary = {k: getattr(self, k) for k in keys}
         terms = {k: getattr(self, k) for k in ("param_term", "ops_term", "score")}
         layers = [asdict(layer) for layer in self.layers]
@@ -129,7 +133,7 @@ def _layer_cost(name: str, module: nn.Module, inp: torch.Tensor, out: torch.Tens
     scales = module.stored_scales if isinstance(module, QUANT_LAYERS) else 0
     mults, adds = _ops(module, out)
     ratio = max(w_bits, a_bits) / 32
-    weighted_ops = (mults + adds) * ratio if rule.scale_adds else mults * ratio + adds
+    ops_32bit = (mults + adds) * ratio if rule.scale_adds else mults * ratio + adds
     return LayerCost(
         name=name,
         kind=type(module).__name__,
@@ -140,8 +144,8 @@ def _layer_cost(name: str, module: nn.Module, inp: torch.Tensor, out: torch.Tens
         bias_bits=b_bits if bias is not None else w_bits,
         mult_ops=mults,
         add_ops=adds,
-        weighted_params=(w_nonzero * w_bits + b_count * b_bits) / 32 + scales,
-        weighted_ops=weighted_ops,
+        params_32bit=(w_nonzero * w_bits + b_count * b_bits) / 32 + scales,
+        ops_32bit=ops_32bit,
     )
 
 

@@ -32,6 +32,7 @@ from microsearch.evaluation.train import (
     resolve_precision,
     train,
 )
+from microsearch.evaluation.views import params_markdown, score_markdown
 from microsearch.models import create_model
 from microsearch.search.space import MODEL, TrialPlan, suggest
 from microsearch.search.study import StudyConfig
@@ -100,39 +101,6 @@ def set_feasibility(trial: optuna.Trial, accuracy: float, target: float) -> None
     trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [target - accuracy])
 
 
-def layer_table(audit: dict) -> tuple[list[str], list[list]]:
-    """The layers of an audit (``Score.to_dict()``) as table headers and rows."""
-    head = ["layer", "kind", "params", "nonzero", "bits w/a", "ops"]
-    rows = [
-        [
-            x["name"],
-            x["kind"],
-            x["params"],
-            x["nonzero"],
-            f"{x['weight_bits']}/{x['act_bits']}",
-            x["mult_ops"] + x["add_ops"],
-        ]
-        for x in audit["layers"]
-    ]
-    return head, rows
-
-
-def score_line(audit: dict) -> str:
-    return (
-        f"score {audit['score']:.5f} = params {audit['param_term']:.5f} + ops {audit['ops_term']:.5f} "
-        f"(rule {audit['rule']}, {audit['passes']} pass(es); {audit['raw_params']:,} params, "
-        f"{audit['nonzero_params']:,} nonzero, {audit['raw_ops']:,} ops)"
-    )
-
-
-def score_table(audit: dict) -> str:
-    """The audit in markdown: one row per layer, then the score and its terms."""
-    head, rows = layer_table(audit)
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---|---:|"]
-    lines += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines) + f"\n\n**{score_line(audit)}**"
-
-
 def _note(trial: optuna.Trial, body: str) -> None:
     """A markdown note optuna-dashboard shows with the trial (skipped where it is not installed)."""
     if importlib.util.find_spec("optuna_dashboard"):
@@ -193,13 +161,7 @@ class Objective:
         set_feasibility(trial, result.accuracy, self.study.trial_target)
         attrs = {
             "val_acc": result.accuracy,
-            "passes": result.passes,
-            "param_term": score.param_term,
-            "ops_term": score.ops_term,
-            "params": score.raw_params,
-            "nonzero_params": score.nonzero_params,
-            "ops": score.raw_ops,
-            "layers": [asdict(layer) for layer in score.layers],
+            "audit": score.to_dict(),  # the one record every view renders (microsearch.evaluation.views)
             "history": history,
             "seconds": time.perf_counter() - start,
             "device": device_name(self.device),
@@ -213,14 +175,11 @@ class Objective:
 
     def _store(self, trial: optuna.Trial, model: nn.Module, score: Score, accuracy: float, plan: TrialPlan) -> None:
         feasible = "feasible" if accuracy >= self.study.trial_target else "infeasible"
-        params = "\n".join(
-            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in trial.params.items()
-        )
         _note(
             trial,
             f"## Trial {trial.number}: score {score.score:.5f}, validation accuracy {accuracy:.2%} "
             f"({feasible} for the trial target {self.study.trial_target:.0%})\n\n"
-            f"| parameter | value |\n|---|---|\n{params}\n\n### Score breakdown\n\n{score_table(score.to_dict())}\n",
+            f"{params_markdown(trial.params)}\n\n### Score breakdown\n\n{score_markdown(score.to_dict())}\n",
         )
         if self.artifacts is None:
             return

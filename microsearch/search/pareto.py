@@ -6,20 +6,17 @@ import optuna
 from optuna.trial import TrialState
 
 from microsearch.evaluation.plots import pareto_figure, write_html
+from microsearch.evaluation.views import counts, params_inline, score_terms
 from microsearch.search.pruner import is_feasible
 from microsearch.search.study import StudyConfig
 
 
 def _describe(trial: optuna.trial.FrozenTrial) -> str:
-    a = trial.user_attrs
-    head = (
-        f"trial {trial.number}: score {trial.value:.4f} "
-        f"(params {a['param_term']:.4f} + ops {a['ops_term']:.4f})"
-        f"<br>val {a['val_acc']:.2%}, {a['params']:,} params, {a['nonzero_params']:,} nonzero"
+    a = trial.user_attrs["audit"]
+    return (
+        f"trial {trial.number}: score {score_terms(a, 4)}<br>val {trial.user_attrs['val_acc']:.2%}, {counts(a)}"
+        f"<br>{params_inline(trial.params, 90)}"
     )
-    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-    wrapped = "<br>".join(params[i : i + 90] for i in range(0, len(params), 90))
-    return f"{head}<br>{wrapped}"
 
 
 def trial_points(study: optuna.Study) -> list[dict]:
@@ -32,7 +29,7 @@ def trial_points(study: optuna.Study) -> list[dict]:
             "text": _describe(t),
         }
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "val_acc" in t.user_attrs
+        if "audit" in t.user_attrs
     ]
 
 
@@ -42,7 +39,7 @@ def final_point(card: dict) -> dict:
     return {
         "score": a["score"],
         "val_acc": card["val_acc"],
-        "text": f"final model (trial {card['trial']} retrained): score {a['score']:.4f}, val {card['val_acc']:.2%}",
+        "text": f"final model (trial {card['trial']} retrained): score {score_terms(a, 4)}, val {card['val_acc']:.2%}",
     }
 
 

@@ -10,8 +10,8 @@ import optuna
 from optuna.trial import TrialState
 
 from microsearch.evaluation.plots import pareto_figure, sweep_figure
+from microsearch.evaluation.views import counts, layer_table, score_line, score_terms
 from microsearch.search import describe
-from microsearch.search.objective import layer_table, score_line
 from microsearch.search.pareto import final_point, trial_points
 from microsearch.search.pruner import is_feasible
 from microsearch.search.retrain import test_accuracy
@@ -39,9 +39,9 @@ def _trials_table(study: optuna.Study) -> tuple[list[str], list[list[Any]]]:
     head = ["trial", "state", "score", "param term", "ops term", "val acc", "params", "nonzero", "feasible", "seconds"]
     rows = []
     for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
+        a = t.user_attrs.get("audit", {})  # completed trials only
         done = t.state == TrialState.COMPLETE
-        acc = a.get("val_acc", 1 - t.intermediate_values[t.last_step] if t.intermediate_values else None)
+        acc = t.user_attrs.get("val_acc", 1 - t.intermediate_values[t.last_step] if t.intermediate_values else None)
         rows.append(
             [
                 t.number,
@@ -53,7 +53,7 @@ def _trials_table(study: optuna.Study) -> tuple[list[str], list[list[Any]]]:
                 a.get("params", ""),
                 a.get("nonzero_params", ""),
                 "yes" if is_feasible(t) else "no",
-                a.get("seconds", ""),
+                t.user_attrs.get("seconds", ""),
             ]
         )
     rows.sort(key=lambda r: (r[1] != "complete", r[2] if r[1] == "complete" else r[0]))  # by score, then number
@@ -106,9 +106,7 @@ def sections(study: StudyConfig, optuna_study: optuna.Study, sweeps: Path | None
             Section(
                 f"Final model (trial {card['trial']}, retrained)",
                 [
-                    f"Test accuracy {test_accuracy(card)}; score "
-                    f"{a['score']:.5f} = params {a['param_term']:.5f} + ops {a['ops_term']:.5f} ({card['rule']}); "
-                    f"{a['raw_params']:,} parameters ({a['nonzero_params']:,} nonzero), {a['raw_ops']:,} operations. "
+                    f"Test accuracy {test_accuracy(card)}; score {score_terms(a)} ({card['rule']}); {counts(a)}. "
                     f"Trained on {card['data']['train_images']:,} images in {card['seconds']:.0f} s "
                     f"on {card['device']}."
                 ],
@@ -116,17 +114,7 @@ def sections(study: StudyConfig, optuna_study: optuna.Study, sweeps: Path | None
             )
         )
     elif best is not None:
-        audit = {
-            "layers": best.user_attrs["layers"],
-            "score": best.value,
-            "rule": study.rule,
-            "passes": best.user_attrs["passes"],
-            "raw_params": best.user_attrs["params"],
-            "nonzero_params": best.user_attrs["nonzero_params"],
-            "raw_ops": best.user_attrs["ops"],
-            "param_term": best.user_attrs["param_term"],
-            "ops_term": best.user_attrs["ops_term"],
-        }
+        audit = best.user_attrs["audit"]
         out.append(
             Section(
                 f"Best trial {best.number} (search-time model)",

@@ -29,7 +29,8 @@ from microsearch.evaluation.train import (
     resolve_device,
     resolve_precision,
 )
-from microsearch.search.objective import score_table, train_and_compress
+from microsearch.evaluation.views import counts, params_markdown, score_markdown, score_terms
+from microsearch.search.objective import train_and_compress
 from microsearch.search.pruner import is_feasible
 from microsearch.search.run import best_feasible, open_study
 from microsearch.search.space import MODEL, suggest
@@ -277,9 +278,6 @@ def test_accuracy(card: dict) -> str:
 
 def model_card_markdown(card: dict) -> str:
     a = card["audit"]
-    hp = "\n".join(
-        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in card["hyperparameters"].items()
-    )
     val = card.get("val_acc")
     val_row = (
         "" if val is None else f"| validation accuracy | {val:.2%} ({card['data']['val_images']:,} held-out images) |\n"
@@ -289,15 +287,14 @@ def model_card_markdown(card: dict) -> str:
         f"| | |\n|---|---|\n"
         f"| test accuracy | {test_accuracy(card)} |\n"
         f"{val_row}"
-        f"| score ({card['rule']}) | {a['score']:.5f} = params {a['param_term']:.5f} + ops {a['ops_term']:.5f} |\n"
-        f"| parameters | {a['raw_params']:,} ({a['nonzero_params']:,} nonzero) |\n"
-        f"| operations | {a['raw_ops']:,} |\n"
+        f"| score ({card['rule']}) | {score_terms(a)} |\n"
+        f"| counted | {counts(a)} |\n"
         f"| trained on | {card['data']['source']}, {card['data']['train_images']:,} images |\n"
         f"| search | validation {card['search']['val_acc']:.2%}, score {card['search']['score']:.5f} |\n"
         f"| device, precision, time | {card['device']}, {card['precision']}, {card['seconds']:.0f} s |\n"
         f"| version | {card['version']} |\n"
         f"| command | `{card['command']}` |\n\n"
-        f"## Hyperparameters\n\n| parameter | value |\n|---|---|\n{hp}\n\n"
-        f"## Per-layer audit\n\n{score_table(a)}\n\n"
+        f"## Hyperparameters\n\n{params_markdown(card['hyperparameters'])}\n\n"
+        f"## Per-layer audit\n\n{score_markdown(a)}\n\n"
         f"`microsearch score model.pt --json` recomputes every number above from the model file.\n"
     )

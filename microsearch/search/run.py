@@ -1,7 +1,6 @@
 """Workers: each runs trials of one named study on a shared storage until its budget is spent."""
 
 import importlib.util
-import math
 import secrets
 import time
 import warnings
@@ -16,6 +15,7 @@ from optuna.trial import TrialState
 
 from microsearch.evaluation.data import load_data
 from microsearch.evaluation.train import TrainingDiverged
+from microsearch.evaluation.views import counts, params_inline, score_terms
 from microsearch.search import describe
 from microsearch.search.objective import Objective
 from microsearch.search.pruner import TargetPruner, is_feasible
@@ -213,21 +213,16 @@ def _outcome(trial: optuna.trial.FrozenTrial) -> str:
 
 def summary(study: optuna.Study, target: float) -> str:
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    counts = {s.name.lower(): states.count(s) for s in TrialState if states.count(s)}
+    by_state = {s.name.lower(): states.count(s) for s in TrialState if states.count(s)}
     best = best_feasible(study)
-    lines = [f"study {study.study_name}: " + ", ".join(f"{c} {n}" for n, c in counts.items())]
+    lines = [f"study {study.study_name}: " + ", ".join(f"{c} {n}" for n, c in by_state.items())]
     if best is None:
         lines.append(f"no trial reached {target:.0%} validation accuracy yet")
     else:
-        a = best.user_attrs
+        a = best.user_attrs["audit"]
         lines.append(
-            f"best feasible: trial {best.number}  score {best.value:.4f} "
-            f"(params {a['param_term']:.4f} + ops {a['ops_term']:.4f})  val {a['val_acc']:.2%}  "
-            f"params {a['params']:,}  nonzero {a['nonzero_params']:,}"
+            f"best feasible: trial {best.number}  score {score_terms(a, 4)}  "
+            f"val {best.user_attrs['val_acc']:.2%}  {counts(a)}"
         )
-        lines.append("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
+        lines.append("  " + params_inline(best.params))
     return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) and not math.isnan(value) else str(value)

@@ -139,9 +139,9 @@ class DistillConfig:
         if not isinstance(self.teacher_args, dict):
             raise ValueError(f"teacher_args must be a table, got {self.teacher_args!r}")
         if self.teacher and self.teacher_file:
-            raise ValueError("give distill.teacher (trained once) or distill.teacher_file (saved), not both")
+            raise ValueError("give teacher (a model to train once) or teacher_file (a saved model), not both")
         if self.teacher_file and not Path(self.teacher_file).expanduser().is_file():
-            raise ValueError(f"distill.teacher_file: no model file at {self.teacher_file}")
+            raise ValueError(f"teacher_file: no model file at {self.teacher_file}")
         if self.teacher:
             create_model(self.teacher, **self.teacher_args)  # names a wrong model or argument now
         if self.teacher_recipe not in RECIPES:

@@ -31,12 +31,12 @@ def test_removing_zero_filters_keeps_logits_and_drops_the_expected_counts():
     assert torch.allclose(smaller(x), model(x), atol=1e-5)
     before, after = audit(model), audit(smaller)
     # two filters: conv1 2*4*9 weights, BN 2*2, conv2 4*2*9 input weights
-    assert before.raw_params - after.raw_params == 72 + 4 + 72
+    assert before.params - after.params == 72 + 4 + 72
     hw = 32 * 32
     conv1 = 2 * hw * (36 + 35)
     bn = 2 * hw * 3
     conv2 = 4 * hw * 2 * (9 + 9)
-    assert before.raw_ops - after.raw_ops == conv1 + bn + conv2
+    assert before.ops - after.ops == conv1 + bn + conv2
     assert after.score < before.score
 
 

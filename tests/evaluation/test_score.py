@@ -33,24 +33,24 @@ PARAMS = 54 + 4 + 9
 
 def test_hand_computed_counts_and_score():
     s = audit(Tiny(), input_shape=SHAPE)
-    assert s.raw_params == PARAMS
-    assert s.raw_ops == CONV_MULTS + CONV_ADDS + BN_OPS + FC_MULTS + FC_ADDS
+    assert s.params == PARAMS
+    assert s.ops == CONV_MULTS + CONV_ADDS + BN_OPS + FC_MULTS + FC_ADDS
     assert [layer.name for layer in s.layers] == ["conv", "bn", "fc"]
-    assert s.score == pytest.approx(PARAMS / 5.6e6 + s.raw_ops / 8.3e8)
+    assert s.score == pytest.approx(PARAMS / 5.6e6 + s.ops / 8.3e8)
 
 
 def test_resnet18_reference_vectors_at_32_bits():
     s = audit(create_model("resnet18"))
-    assert s.raw_params == 11_173_962
-    assert s.raw_ops == 1_112_074_240
+    assert s.params == 11_173_962
+    assert s.ops == 1_112_074_240
 
 
 def test_resnet18_at_16_bits_micronet_is_exactly_the_reference():
     model = create_model("resnet18")
     quantize_(model, QuantConfig(weight_bits=16, act_bits=16))
     s = audit(model, rule="micronet")
-    assert s.params == 5_586_981
-    assert s.ops == 834_362_880
+    assert s.params_32bit == 5_586_981
+    assert s.ops_32bit == 834_362_880
     assert s.score == pytest.approx(2.0, abs=1e-12)
 
 
@@ -90,8 +90,8 @@ def test_bits_are_read_from_the_quantizers_and_match_a_hand_computation():
     scales = 4  # learned step sizes of conv/fc weight (4-bit) and input (8-bit) quantizers
     params = (54 * 4 + 4 * 16 + 6 * 4 + 3 * 16) / 32 + scales
     ops = (CONV_MULTS + CONV_ADDS) * 8 / 32 + BN_OPS * 16 / 32 + (FC_MULTS + FC_ADDS) * 8 / 32
-    assert s.params == pytest.approx(params)
-    assert s.ops == pytest.approx(ops)
+    assert s.params_32bit == pytest.approx(params)
+    assert s.ops_32bit == pytest.approx(ops)
     assert s.score == pytest.approx(params / 5.6e6 + ops / 8.3e8)
     lower = Tiny()
     quantize_(lower, QuantConfig(weight_bits=2, act_bits=2))
@@ -103,13 +103,13 @@ def test_micronet_scales_only_multiplications():
     quantize_(model, QuantConfig(weight_bits=8, act_bits=8, bias_bits=16))
     s = audit(model, rule="micronet", input_shape=SHAPE)
     ops = (CONV_MULTS + FC_MULTS) * 8 / 32 + CONV_ADDS + FC_ADDS + BN_OPS
-    assert s.ops == pytest.approx(ops)
+    assert s.ops_32bit == pytest.approx(ops)
     assert s.ops_term == pytest.approx(ops / RULES["micronet"].ops_ref)
 
 
 def test_test_time_augmentation_passes_multiply_the_ops():
     one, two = audit(Tiny(), passes=1, input_shape=SHAPE), audit(Tiny(), passes=2, input_shape=SHAPE)
-    assert two.ops == 2 * one.ops and two.params == one.params
+    assert two.ops == 2 * one.ops and two.ops_32bit == 2 * one.ops_32bit and two.params == one.params
 
 
 def test_audit_does_not_touch_the_model():
