@@ -228,6 +228,17 @@ def evaluate(
     return Evaluation(correct.item() / max(1, len(split)), 2 if tta else 1, len(split))
 
 
+def mixup_loss(
+    logits: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor | None, lam: float, smoothing: float
+) -> torch.Tensor:
+    """Cross-entropy against labels mixed as the images were: ``lam`` of each image's own label,
+    ``1 - lam`` of its partner's (``perm``; None: no mixing)."""
+    loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+    if perm is None:
+        return loss
+    return lam * loss + (1 - lam) * F.cross_entropy(logits, labels[perm], label_smoothing=smoothing)
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al.'s KL(teacher || student) of the temperature-softened distributions, times
     T^2 so its gradients keep their size as T changes; per sample, in float32."""
@@ -401,11 +412,7 @@ def train(
             x_in = lam * x + (1 - lam) * x[perm] if mix else x
             with _autocast(device, dtype):
                 logits = step_model(x_in)
-                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-                if mix:
-                    loss = lam * loss + (1 - lam) * F.cross_entropy(
-                        logits, y[perm], label_smoothing=config.label_smoothing
-                    )
+                loss = mixup_loss(logits, y, perm, lam, config.label_smoothing)
                 if config.distill:
                     with torch.no_grad():
                         soft = teacher(x_in)

@@ -142,14 +142,13 @@ class Objective:
         def report(stats: EpochStats, offset: int = 0) -> None:
             step = stats.epoch + offset
             history.append({**asdict(stats), "step": step})
-            trial.report(1 - stats.val_acc, step)
+            trial.set_user_attr("history", history)  # the learning curve the pruner reads
             elapsed = time.perf_counter() - start
             self.log(
                 f"[{self.tag}trial {trial.number}] epoch {step}/{total_epochs}  val {stats.val_acc:.1%}  "
                 f"{elapsed:.0f}s  trial eta {elapsed / step * (total_epochs - step):.0f}s"
             )
             if trial.should_prune():
-                trial.set_user_attr("history", history)
                 set_feasibility(trial, stats.val_acc, self.study.trial_target)
                 raise optuna.TrialPruned(f"val {stats.val_acc:.1%} at epoch {step} is below every feasible trial")
 

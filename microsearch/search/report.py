@@ -13,7 +13,7 @@ from microsearch.evaluation.plots import pareto_figure, sweep_figure
 from microsearch.evaluation.views import counts, layer_table, score_line, score_terms
 from microsearch.search import describe
 from microsearch.search.pareto import final_point, trial_points
-from microsearch.search.pruner import is_feasible
+from microsearch.search.pruner import curve, is_feasible
 from microsearch.search.retrain import test_accuracy
 from microsearch.search.run import best_feasible
 from microsearch.search.study import StudyConfig
@@ -41,7 +41,8 @@ def _trials_table(study: optuna.Study) -> tuple[list[str], list[list[Any]]]:
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs.get("audit", {})  # completed trials only
         done = t.state == TrialState.COMPLETE
-        acc = t.user_attrs.get("val_acc", 1 - t.intermediate_values[t.last_step] if t.intermediate_values else None)
+        accuracy = curve(t)  # a stopped trial's accuracy is its curve's last point
+        acc = t.user_attrs.get("val_acc", accuracy[max(accuracy)] if accuracy else None)
         rows.append(
             [
                 t.number,

@@ -32,6 +32,21 @@ def test_b_bit_weights_take_at_most_2_to_the_b_values_and_pass_gradients(bits):
         assert q.scale.grad is not None and q.scale.grad.abs() > 0
 
 
+def test_a_2_bit_quantizer_rounds_clips_and_has_lsq_gradients():
+    q = Quantizer(2, signed=True)  # levels -2, -1, 0, 1
+    with torch.no_grad():
+        q.scale.fill_(0.5)
+        q.initialized.fill_(True)
+    x = torch.tensor([-2.0, -0.6, -0.2, 0.1, 0.3, 0.8, 5.0], requires_grad=True)
+    out = q(x)  # x / 0.5 = -4, -1.2, -0.4, 0.2, 0.6, 1.6, 10 -> clipped to [-2, 1], rounded
+    assert out.tolist() == [-1.0, -0.5, 0.0, 0.0, 0.5, 0.5, 0.5]
+    out.sum().backward()
+    assert x.grad.tolist() == [0, 1, 1, 1, 1, 0, 0]  # straight through inside the range only
+    # LSQ: d out / d step is round(x/s) - x/s inside, the clipping level outside; the sum
+    # (-2 + 0.2 + 0.4 - 0.2 + 0.4 + 1 + 1 = 0.8) is scaled by 1 / sqrt(N * Q_P) = 1 / sqrt(7 * 1)
+    assert q.scale.grad.item() == pytest.approx(0.8 / 7**0.5, rel=1e-5)
+
+
 def test_16_bits_is_half_precision_rounding():
     x = torch.randn(1000) * 100
     assert torch.equal(Quantizer(16)(x), x.half().float())

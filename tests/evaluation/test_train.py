@@ -14,6 +14,7 @@ from microsearch.evaluation.train import (
     distillation_loss,
     evaluate,
     lr_at,
+    mixup_loss,
     resolve_precision,
     train,
 )
@@ -42,11 +43,26 @@ def test_a_small_resnet_learns_the_synthetic_set(small_data):
     assert evaluate(model, small_data.val, CPU).accuracy == pytest.approx(history[-1].val_acc)
 
 
-def test_mixup_cutout_and_tta_train_and_count_passes(small_data):
-    model = create_model("resnet", width=4, blocks=(1, 1, 1))
-    config = TrainConfig(epochs=1, batch_size=64, mixup=0.4, cutout=8, tta=True)
-    history = train(model, small_data, config)
-    assert math.isfinite(history[0].train_loss)
+def test_mixup_loss_mixes_the_labels_as_the_images_were_mixed():
+    logits = torch.tensor([[math.log(3), 0.0], [0.0, 0.0]])  # p = (3/4, 1/4) and (1/2, 1/2)
+    labels, swap = torch.tensor([0, 1]), torch.tensor([1, 0])
+    own = -(math.log(0.75) + math.log(0.5)) / 2
+    partner = -(math.log(0.25) + math.log(0.5)) / 2
+    assert mixup_loss(logits, labels, None, 0.3, 0.0).item() == pytest.approx(own, rel=1e-6)
+    assert mixup_loss(logits, labels, swap, 0.3, 0.0).item() == pytest.approx(0.3 * own + 0.7 * partner, rel=1e-6)
+
+
+def test_mixup_and_cutout_change_training_and_tta_counts_passes(small_data):
+    def first_epoch_loss(**augment) -> float:
+        torch.manual_seed(0)
+        model = create_model("resnet", width=4, blocks=(1, 1, 1))
+        return train(model, small_data, TrainConfig(epochs=1, batch_size=64, **augment))[0].train_loss, model
+
+    plain, _ = first_epoch_loss()
+    assert first_epoch_loss()[0] == pytest.approx(plain, rel=1e-6)  # the same seed, the same run
+    assert abs(first_epoch_loss(mixup=0.4)[0] - plain) > 1e-4  # other inputs, other targets
+    loss, model = first_epoch_loss(cutout=8)
+    assert abs(loss - plain) > 1e-4
     result = evaluate(model, small_data.val, CPU, tta=True)
     assert result.passes == 2 and result.images == len(small_data.val)
 

@@ -1,4 +1,5 @@
 import optuna
+import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -14,13 +15,17 @@ HOPELESS = [0.20, 0.30, 0.35, 0.38, 0.40]
 OTHERS = [[0.6, 0.8, 0.9, 0.95, 0.96], [0.58, 0.79, 0.9, 0.94, 0.95]]  # more big models
 
 
+def _history(curve: list[float]) -> list[dict]:
+    return [{"step": e + 1, "val_acc": a} for e, a in enumerate(curve)]
+
+
 def _finished(curve: list[float]):
     return create_trial(
         state=TrialState.COMPLETE,
         value=0.1,
         params={"x": 0.5},
         distributions={"x": FloatDistribution(0, 1)},
-        intermediate_values={e + 1: 1 - a for e, a in enumerate(curve)},
+        user_attrs={"history": _history(curve)},
         system_attrs={"constraints:accuracy": TARGET - curve[-1]},
     )
 
@@ -35,8 +40,8 @@ def _study(pruner):
 def _stopped_at(study, curve):
     """Epoch at which the study's pruner stops a trial with this learning curve, or None."""
     trial = study.ask()
-    for epoch, acc in enumerate(curve, start=1):
-        trial.report(1 - acc, epoch)
+    for epoch in range(1, len(curve) + 1):
+        trial.set_user_attr("history", _history(curve[:epoch]))  # as the objective does each epoch
         if trial.should_prune():
             return epoch
     return None
@@ -48,12 +53,6 @@ def test_target_pruner_stops_the_hopeless_and_keeps_the_small_model_on_track():
     assert _stopped_at(study, ON_TRACK) is None
 
 
-def test_median_pruner_would_stop_the_small_model():
-    study = _study(optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1))
-    assert _stopped_at(study, HOPELESS) is not None
-    assert _stopped_at(study, ON_TRACK) is not None  # what the target pruner avoids
-
-
 def test_nothing_is_stopped_before_a_feasible_trial_exists_or_during_warmup():
     study = optuna.create_study(pruner=TargetPruner(TARGET, warmup_steps=1))
     study.add_trial(_finished(HOPELESS))  # infeasible: no reference
@@ -63,7 +62,17 @@ def test_nothing_is_stopped_before_a_feasible_trial_exists_or_during_warmup():
 
 
 def test_floor_is_the_lowest_feasible_curve_scaled_to_the_target():
-    study = _study(TargetPruner(TARGET))
-    pruner = TargetPruner(TARGET)
-    expected = min(c[1] * min(1, TARGET / c[-1]) for c in [BIG, SMALL_FEASIBLE, *OTHERS])
-    assert abs(pruner.floor(study, 2) - expected) < 1e-12
+    # at epoch 2: BIG 0.75 x 0.90/0.95 = 0.7105, SMALL_FEASIBLE 0.62 x 0.90/0.91 = 0.6132 (the
+    # lowest), OTHERS 0.8 x 0.90/0.96 = 0.75 and 0.79 x 0.90/0.95 = 0.7484
+    assert TargetPruner(TARGET).floor(_study(TargetPruner(TARGET)), 2) == pytest.approx(0.6131868, abs=1e-7)
+    assert TargetPruner(TARGET, min_feasible=5).floor(_study(TargetPruner(TARGET)), 2) is None  # only 4
+
+
+def test_a_stopped_trial_keeps_its_accuracy_off_the_score_axis():
+    study = _study(TargetPruner(TARGET, margin=0.05, warmup_steps=1))
+    trial = study.ask()
+    trial.set_user_attr("history", _history(HOPELESS[:2]))
+    assert trial.should_prune()
+    study.tell(trial, state=TrialState.PRUNED)
+    stopped = study.get_trials()[-1]
+    assert stopped.state == TrialState.PRUNED and stopped.value is None  # not 1 - 0.30 among the scores

@@ -48,12 +48,15 @@ def test_retrain_writes_model_and_card_that_rescore_identically(searched, tmp_pa
     best = open_study(study).best_trial
     assert card["trial"] == best.number and card["hyperparameters"] == best.params
     assert card["data"]["train_images"] == 1000 and card["data"]["test_images"] == 200  # train + val, then test
-    assert 0 <= card["test_acc"] <= 1 and card["plan"]["train"]["epochs"] == 1
+    assert card["plan"]["train"]["epochs"] == 1
     assert {"seconds", "device", "version", "command"} <= set(card)
     torch.load(out / "model.pt", weights_only=True)
     capsys.readouterr()
     assert main(["score", str(out / "model.pt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == card["audit"]
+    assert main(["evaluate", str(out / "model.pt"), "--data", study.data.source, "--split", "test", "--json"]) == 0
+    tested = json.loads(capsys.readouterr().out)  # the card's test accuracy is the saved model's
+    assert (tested["accuracy"], tested["images"]) == (card["test_acc"], 200)
     md = (out / "model_card.md").read_text()
     assert f"{card['test_acc']:.2%}" in md and "stages.0.0.conv1.0" in md
 

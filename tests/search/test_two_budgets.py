@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from microsearch.cli import main
-from microsearch.evaluation.data import Split
+from microsearch.evaluation.data import Split, load_data
+from microsearch.evaluation.train import evaluate
 from microsearch.search import load_study, open_study
 from microsearch.search.teacher import ensure_teacher, teacher_path
 
@@ -34,7 +35,9 @@ def test_the_teacher_is_trained_once_and_keyed_by_its_configuration(tiny_study):
     lines = []
     model, meta = ensure_teacher(study, log=lines.append)
     assert sum("[teacher] training" in line for line in lines) == 1
-    assert teacher_path(study).is_file() and 0 <= meta["val_acc"] <= 1
+    assert teacher_path(study).is_file()
+    data = load_data(study.data)  # the recorded accuracy is the cached teacher's, on the study's validation images
+    assert meta["val_acc"] == evaluate(model, data.val, torch.device("cpu"), precision=study.precision).accuracy
     assert not (teacher_path(study).parent / "train.ckpt").exists()  # removed once trained
     again = []
     model2, meta2 = ensure_teacher(study, log=again.append)  # a second worker, a resumed study
@@ -121,7 +124,7 @@ def test_a_saved_teacher_is_used_only_if_it_held_out_the_same_validation_images(
     study = load_study(path, [f"distill.teacher_file='{good}'"])
     model, meta = ensure_teacher(study, log=lambda line: None)
     assert teacher_path(study) == tmp_path / "same" / "model.pt" and meta["model"] == "resnet"
-    assert sum(p.numel() for p in model.parameters()) > 0 and 0 <= meta["val_acc"] <= 1
+    assert meta["val_acc"] == evaluate(model, load_data(study.data).val, torch.device("cpu")).accuracy
     other = load_study(path, [f"distill.teacher_file='{saved('other', 50)}'"])
     with pytest.raises(ValueError, match="must not have seen the validation images"):
         ensure_teacher(other)
