@@ -21,13 +21,14 @@ def score_line(audit: dict) -> str:
 
 def layer_table(audit: dict) -> tuple[list[str], list[list]]:
     """The layers of an audit as table headers and rows."""
-    head = ["layer", "kind", "params", "nonzero", "bits w/a", "ops"]
+    head = ["layer", "kind", "params", "nonzero", "sparsity", "bits w/a", "ops"]
     rows = [
         [
             x["name"],
             x["kind"],
             x["params"],
             x["nonzero"],
+            f"{1 - x['nonzero'] / x['params']:.0%}" if x["params"] else "",
             f"{x['weight_bits']}/{x['act_bits']}",
             x["mult_ops"] + x["add_ops"],
         ]

@@ -103,15 +103,31 @@ def sections(study: StudyConfig, optuna_study: optuna.Study, sweeps: Path | None
     if model is not None:
         card = json.loads((model / "model_card.json").read_text())
         a = card["audit"]
+        budget, teacher = card["budget"], card["teacher"]
+        val = card["val_acc"]
         out.append(
             Section(
                 f"Final model (trial {card['trial']}, retrained)",
                 [
-                    f"Test accuracy {test_accuracy(card)}; score {score_terms(a)} ({card['rule']}); {counts(a)}. "
-                    f"Trained on {card['data']['train_images']:,} images in {card['seconds']:.0f} s "
-                    f"on {card['device']}."
+                    (f"Validation accuracy {val:.2%} ({card['data']['val_images']:,} held-out images); " if val else "")
+                    + f"test accuracy {test_accuracy(card)}.",
+                    f"Score {score_terms(a)} ({card['rule']}); {counts(a)}. The table gives every layer's "
+                    "parameters, nonzero parameters, sparsity, weight/activation bits and operations.",
+                    f"Retrained {budget['epochs']} epochs + {budget['finetune_epochs']} fine-tuning epochs after "
+                    f"compression (recipe {budget['recipe']})"
+                    + (f", distilled from {teacher['model']} ({teacher['val_acc']:.2%} validation)" if teacher else "")
+                    + f", on {card['data']['train_images']:,} images in {card['seconds']:.0f} s on {card['device']} "
+                    f"({card['precision']}). At search time the trial had {card['search']['val_acc']:.2%} validation "
+                    f"accuracy at score {card['search']['score']:.5f}.",
                 ],
                 table=layer_table(a),
+            )
+        )
+        out.append(
+            Section(
+                "Final model: hyperparameters",
+                ["The trial's sampled values; the retrain used them with the budget above."],
+                table=(["parameter", "value"], [[k, v] for k, v in card["hyperparameters"].items()]),
             )
         )
     elif best is not None:

@@ -36,8 +36,8 @@ def test_one_audit_reads_the_same_in_every_view():
         "1,234 parameters (1,000 nonzero), 56,789 operations)"
     )
     md = score_markdown(AUDIT)
-    assert "| stem.0 | QuantConv2d | 432 | 400 | 8/8 | 1,900 |" in md and md.endswith(f"**{line}**")
-    assert "|---|---|---:|---:|---|---:|" in md  # numbers right-aligned
+    assert "| stem.0 | QuantConv2d | 432 | 400 | 7% | 8/8 | 1,900 |" in md and md.endswith(f"**{line}**")
+    assert "|---|---|---:|---:|---|---|---:|" in md  # numbers right-aligned
     text = score_text(AUDIT)
     assert counts(AUDIT) in text and "score = 0.0123 (params) + 0.0065 (ops) = 0.0189" in text
     assert params_markdown({"width": 16, "lr": 0.123456}) == (

@@ -96,6 +96,10 @@ def test_report_has_methodology_trials_plot_card_and_sweeps(searched, tmp_path, 
     trials = _trials(study)
     for text in ("Methodology", "Accuracy vs score", "Pruning sweeps", "Final model (trial", "plotly"):
         assert text in page
+    card = json.loads((tmp_path / "final" / "model_card.json").read_text())
+    assert "| parameter | value |" in md and all(f"| {k} |" in md for k in card["hyperparameters"])
+    assert "| layer | kind | params | nonzero | sparsity | bits w/a | ops |" in md
+    assert f"Retrained {card['budget']['epochs']} epochs + {card['budget']['finetune_epochs']} fine-tuning" in md
     assert page.count("<tr>") >= len(trials) + 1
     for t in trials:
         assert f"| {t.number} | {t.state.name.lower()} |" in md
