@@ -280,11 +280,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_gpus(gpus: list[str], count: int) -> None:
+    """Refuse GPU indices torch does not see: a worker pinned to one would train on the CPU."""
+    missing = [g for g in gpus if not (g.isdigit() and int(g) < count)]
+    if missing:
+        seen = f"the GPUs here are {', '.join(map(str, range(count)))}" if count else "torch sees no GPU here"
+        raise ValueError(f"--gpus {','.join(missing)}: no such GPU ({seen})")
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from microsearch.search import launch, load_study
 
     study = load_study(args.study, _study_overrides(args))
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
+    _check_gpus(gpus or [], torch.cuda.device_count())
     if args.workers_per_gpu is not None:
         if not gpus:
             raise ValueError("--workers-per-gpu needs --gpus (the GPUs the workers share)")

@@ -76,8 +76,9 @@ def _cifar10(arg: str, config: DataConfig) -> tuple[Split, Split | None, list[st
 
 def _list_tree(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{root} has no class folders (expected {root}/<class>/<image>.jpg)")
+    if len(classes) < 2:
+        found = f"only the class folder {classes[0]!r}" if classes else "no class folders"
+        raise DataError(f"{root} has {found}; a classifier needs two or more ({root}/<class>/<image>.jpg)")
     files = [
         (f, label)
         for label, c in enumerate(classes)

@@ -321,6 +321,11 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
         if unknown:
             raise StudyError(f"unknown table [{unknown[0]}]; known: [study], {', '.join(_SECTIONS)}, [[enqueue]]")
         study = dict(tables.get("study", {}))
+        # What a study is about is never a default: no search on synthetic data by omission.
+        if "target" not in study:
+            raise StudyError("[study] target is missing: the validation accuracy to reach, e.g. target = 0.90")
+        if "source" not in tables.get("data", {}):
+            raise StudyError('[data] source is missing: the images, e.g. source = "cifar10"')
         if "name" not in study:
             study["name"] = path.stem
         sections = {name: _build(cls, tables.get(name, {}), f"[{name}]") for name, cls in _SECTIONS.items()}

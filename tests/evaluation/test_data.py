@@ -86,6 +86,9 @@ def test_wrong_image_size_and_empty_tree(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class folders"):
         load_data(DataConfig(f"imagefolder:{tmp_path / 'empty'}", cache_dir=str(tmp_path)))
+    (tmp_path / "one" / "cat").mkdir(parents=True)  # one class: every prediction would be right
+    with pytest.raises(DataError, match="only the class folder 'cat'; a classifier needs two or more"):
+        load_data(DataConfig(f"imagefolder:{tmp_path / 'one'}", cache_dir=str(tmp_path)))
 
 
 def test_validation_larger_than_the_data_is_refused():
@@ -94,9 +97,10 @@ def test_validation_larger_than_the_data_is_refused():
 
 
 class _FakeCIFAR10:
-    """Stands in for torchvision.datasets.CIFAR10: HWC uint8 arrays and a list of labels."""
+    """Stands in for torchvision.datasets.CIFAR10: HWC uint8 arrays, a list of labels, class names."""
 
     def __init__(self, root, train, download):
+        self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
         import numpy as np
 
         n = 30 if train else 10

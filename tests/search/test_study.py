@@ -36,6 +36,8 @@ def test_overrides_are_validated_like_the_file(tiny_study):
     ("edit", "needle"),
     [
         (("[budget]", "[budget]\nepochz = 3"), "unknown key [budget].epochz"),
+        (("target = 0.2", ""), "[study] target is missing"),
+        (('source = "synthetic:300"', ""), "[data] source is missing"),
         (("[pruner]", "[prunerz]"), "unknown table [prunerz]"),
         (("epochs = 1", 'epochs = "one"'), "[budget].epochs = 'one' has the wrong type"),
         (("width = [2, 4]", "width = [4, 2]"), "[space]: width must be [low, high]"),
@@ -68,6 +70,14 @@ def test_an_unreachable_storage_fails_with_one_line_that_hides_the_password(tiny
     err = capsys.readouterr().err
     assert "cannot open storage postgresql+psycopg://nobody:***@127.0.0.1:1/none" in err
     assert "s3cret" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_empty_study_file_is_refused_before_anything_runs(tmp_path, capsys):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert main(["search", str(empty), "--n-trials", "1"]) == 2
+    assert "[study] target is missing" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.db"))  # nothing was created
 
 
 def test_missing_study_file(capsys):

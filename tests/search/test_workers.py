@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from microsearch.cli import main
@@ -146,8 +147,19 @@ def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path):
     assert {str(t.params) for t in queued} == {str(t.params) for t in failed}  # ...and queued again
 
 
-def test_workers_share_a_gpu_on_a_journal_file_and_sqlite_is_refused(tiny_study, tmp_path, capsys):
+def test_a_gpu_torch_does_not_see_is_refused_naming_those_that_exist(tiny_study, monkeypatch, capsys):
     path = tiny_study()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["launch", str(path), "--gpus", "1,7"]) == 2
+    assert "--gpus 7: no such GPU (the GPUs here are 0, 1)" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main(["launch", str(path), "--gpus", "0"]) == 2
+    assert "--gpus 0: no such GPU (torch sees no GPU here)" in capsys.readouterr().err
+
+
+def test_workers_share_a_gpu_on_a_journal_file_and_sqlite_is_refused(tiny_study, tmp_path, capsys, monkeypatch):
+    path = tiny_study()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU seen; the tiny study trains on the CPU
     sqlite = ["--storage", f"sqlite:///{tmp_path / 'k.db'}"]
     assert main(["launch", str(path), "--gpus", "0", "--workers-per-gpu", "2", *sqlite]) == 2
     assert "2 workers cannot share the SQLite file" in capsys.readouterr().err
