@@ -75,13 +75,19 @@ def test_dashboard_shows_the_study_and_its_trials(searched, browser, tmp_path):
                 assert server.poll() is None, server.stderr.read()
                 time.sleep(0.2)
         study_id = next(s["study_id"] for s in studies if s["study_name"] == study.name)
-        n_trials = len(optuna.load_study(study_name=study.name, storage=study.storage_url).get_trials())
+        trials = optuna.load_study(study_name=study.name, storage=study.storage_url).get_trials()
+        n_trials, first = len(trials), trials[0]
         page = browser.new_page(viewport={"width": 1300, "height": 900})
         page.goto(f"http://127.0.0.1:{port}/dashboard/")
         page.get_by_text(f"{study_id}. {study.name}", exact=True).wait_for(timeout=20_000)  # the study list
         page.goto(f"http://127.0.0.1:{port}/dashboard/studies/{study_id}/trials")
         page.get_by_text(f"{n_trials} Trials").wait_for(timeout=20_000)
         page.get_by_text("Trial 0", exact=True).first.wait_for()
+        # our trial note: its audited score and accuracy, the trial target, the per-layer breakdown
+        heading = f"Trial 0: score {first.value:.5f}, validation accuracy {first.user_attrs['val_acc']:.2%}"
+        page.get_by_text(heading).wait_for(timeout=20_000)
+        assert page.get_by_role("heading", name="Score breakdown").count() == 1
+        assert page.get_by_role("cell", name="stem.0", exact=True).count() == 1
         page.screenshot(path=str(_shots(tmp_path) / "dashboard.png"))
     finally:
         server.terminate()
@@ -102,6 +108,9 @@ def test_report_page_renders_its_plot(searched, browser, tmp_path):
     page.locator(".main-svg").first.wait_for(timeout=20_000)
     assert page.locator(".scatterlayer .point").count() >= len(completed)  # one marker per trial at least
     assert page.get_by_role("heading", name="Accuracy vs score").count() == 1
+    assert page.get_by_text(f"target {study.target:.0%}", exact=True).count() == 1  # the accuracy line
+    best = min((t for t in completed if t.user_attrs["val_acc"] >= study.target), key=lambda t: t.value)
+    assert page.get_by_text(f"Best feasible trial: {best.number}, score {best.value:.5f}").count() == 1
     page.screenshot(path=str(_shots(tmp_path) / "report.png"), full_page=True)
 
 
