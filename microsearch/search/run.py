@@ -19,7 +19,7 @@ from microsearch.evaluation.views import counts, params_inline, score_terms
 from microsearch.search import describe
 from microsearch.search.objective import Objective
 from microsearch.search.pruner import TargetPruner, is_feasible
-from microsearch.search.space import starting_points
+from microsearch.search.space import check_enqueue, starting_points
 from microsearch.search.storage import open_storage
 from microsearch.search.study import StudyConfig, StudyError
 from microsearch.search.teacher import ensure_teacher, teacher_record
@@ -70,6 +70,7 @@ def open_study(study: StudyConfig, storage_url: str | None = None, sampler_seed:
     ``run_worker``): a seed shared by two processes, or reused on a resume, replays the same
     random start-up points, so the study would spend trials on parameter sets it has already run.
     """
+    check_enqueue(study)  # before anything is written to the storage
     storage = open_storage(storage_url or study.storage_url, study.heartbeat, study.grace)
     with warnings.catch_warnings():  # group=True is "experimental" but is what conditional spaces need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -148,8 +149,8 @@ def run_worker(
     """One worker: checks storage and data first, then runs trials. Example:
     ``run_worker(load_study("studies/smoke.toml"), n_trials=4)``."""
     sampler_seed = secrets.randbits(31)
+    data = load_data(study.data)  # a wrong source fails here, before the study is stored
     optuna_study = open_study(study, storage_url, sampler_seed)
-    data = load_data(study.data)
     n_trials = n_trials or study.budget.trials
     timeout = timeout or study.budget.timeout
     tag = f"w{worker} " if worker else ""

@@ -5,15 +5,17 @@ the sampled depth creates, so conditional parameters always match the architectu
 convolution and the classifier keep ``first_last_bits`` and are never pruned.
 """
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
+from optuna.distributions import CategoricalDistribution
 
 from microsearch.compression import QuantConfig, compute_layers
 from microsearch.evaluation.train import TrainConfig
 from microsearch.models import create_model
-from microsearch.search.study import StudyConfig
+from microsearch.search.study import StudyConfig, StudyError
 
 MODEL = "resnet"
 
@@ -165,3 +167,26 @@ def starting_points(study: StudyConfig) -> list[dict[str, Any]]:
         if study.compression.unstructured != "none":
             point[f"{u}_sparsity"] = float(space.unstructured[0])
     return [point]
+
+
+def check_enqueue(study: StudyConfig) -> None:
+    """Refuse ``[[enqueue]]`` points whose parameters the space does not have or whose values lie
+    outside their ranges, naming the point and the key, before anything is written to a storage."""
+    base = starting_points(study)[0]
+    for number, point in enumerate(study.enqueue, start=1):
+        where = f"{study.path}: [[enqueue]] point {number}"
+        trial = optuna.trial.FixedTrial({**base, **point})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # out-of-range values: reported below
+            try:
+                suggest(trial, study)
+            except ValueError as e:  # a value of the wrong kind, or a configuration that cannot be built
+                raise StudyError(f"{where}: {e}") from None
+        for key, value in point.items():
+            d = trial.distributions.get(key)
+            if d is None:
+                raise StudyError(f"{where}: {key!r} is not a parameter of this space (or of this architecture)")
+            inside = value in d.choices if isinstance(d, CategoricalDistribution) else d.low <= value <= d.high
+            if not inside:
+                allowed = list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
+                raise StudyError(f"{where}: {key} = {value!r} is outside the space ({allowed})")

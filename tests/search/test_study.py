@@ -110,3 +110,30 @@ def test_opening_a_study_quiets_optuna_only_while_it_runs(tiny_study, caplog, mo
     assert "A new study created" not in caplog.text
     optuna.create_study()  # outside microsearch the caller's level applies
     assert "A new study created" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("point", "needle"),
+    [
+        ("widht = 4", "[[enqueue]] point 1: 'widht' is not a parameter of this space"),
+        ("width = 64", "[[enqueue]] point 1: width = 64 is outside the space ([2, 4])"),
+        ('block = "vgg"', "[[enqueue]] point 1: 'vgg' not in ('basic',)"),
+    ],
+)
+def test_enqueued_points_are_checked_before_the_study_is_stored(tiny_study, tmp_path, capsys, point, needle):
+    path = tiny_study()
+    path.write_text(path.read_text() + f"\n[[enqueue]]\n{point}\n")
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    assert main(["search", str(path), "--storage", url, "--n-trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and str(path) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q.db").exists()  # nothing written
+
+
+def test_a_wrong_data_source_does_not_lock_the_study(tiny_study, tmp_path, capsys):
+    path = tiny_study()
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    missing = ["--set", f"data.source='imagefolder:{tmp_path / 'nowhere'}'"]
+    assert main(["search", str(path), "--storage", url, "--n-trials", "1", *missing]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["search", str(path), "--storage", url, "--n-trials", "1"]) == 0  # the corrected run is accepted
