@@ -13,6 +13,8 @@ from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+CONNECT_TIMEOUT = 15  # seconds for a database server to accept and answer a connection
+
 
 class StorageError(RuntimeError):
     """The storage cannot be opened or reached; the message names the URL."""
@@ -32,7 +34,10 @@ def open_storage(url: str, heartbeat: int = 60, grace: int = 180, max_retry: int
         path = Path(url.removeprefix("sqlite:///"))
         if not path.parent.is_dir():
             raise StorageError(f"sqlite storage {url}: folder {path.parent} does not exist")
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # seconds to wait for another writer's lock
+    else:  # a server that accepts the connection but never answers must not hang the worker
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -137,3 +137,21 @@ def test_a_wrong_data_source_does_not_lock_the_study(tiny_study, tmp_path, capsy
     assert main(["search", str(path), "--storage", url, "--n-trials", "1", *missing]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["search", str(path), "--storage", url, "--n-trials", "1"]) == 0  # the corrected run is accepted
+
+
+def test_a_server_that_never_answers_fails_with_one_line_instead_of_hanging(tiny_study, monkeypatch, capsys):
+    import socket
+    import time
+
+    from microsearch.search import storage
+
+    monkeypatch.setattr(storage, "CONNECT_TIMEOUT", 2)
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"postgresql+psycopg://nobody@127.0.0.1:{silent.getsockname()[1]}/none"
+        started = time.monotonic()
+        assert main(["search", str(tiny_study()), "--storage", url]) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert f"cannot open storage {url}" in err and len(err.strip().splitlines()) == 1
