@@ -312,10 +312,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from microsearch.search import load_study, open_study, save_pareto
+    from microsearch.search import load_existing, load_study, save_pareto
 
     study = load_study(args.study, _study_overrides(args))
-    path = save_pareto(open_study(study, args.storage), study, args.out)
+    path = save_pareto(load_existing(study, args.storage), study, args.out)
     print(f"wrote {path} (and stored the figure in study {study.name!r} for optuna-dashboard)")
     return 0
 
@@ -328,14 +328,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from microsearch.search import load_study, open_study, retrain
+    from microsearch.search import load_existing, load_study, retrain
     from microsearch.search.retrain import retrain_top, test_accuracy
 
     study = load_study(args.study, _study_overrides(args))
     if args.top is not None:
         if args.trial != "best":
             raise ValueError("--top K chooses among the K best trials itself: leave out --trial")
-        card = retrain_top(study, open_study(study, args.storage), args.out, args.top, args.epochs, log=_log)
+        card = retrain_top(study, load_existing(study, args.storage), args.out, args.top, args.epochs, log=_log)
     else:
         card = retrain(study, args.out, args.storage, args.trial, args.epochs, log=_log)
     a = card["audit"]
@@ -364,12 +364,12 @@ def cmd_campaign(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from microsearch.search import load_study, open_study, write_report
+    from microsearch.search import load_existing, load_study, write_report
 
     study = load_study(args.study, _study_overrides(args))
     html_path, md_path = write_report(
         study,
-        open_study(study, args.storage),
+        load_existing(study, args.storage),
         args.out,
         Path(args.sweeps) if args.sweeps else None,
         Path(args.model) if args.model else None,

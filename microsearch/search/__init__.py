@@ -8,7 +8,7 @@ from microsearch.search.pareto import save_pareto, trial_points
 from microsearch.search.pruner import TargetPruner, is_feasible
 from microsearch.search.report import write_report
 from microsearch.search.retrain import retrain
-from microsearch.search.run import best_feasible, open_study, run_worker, summary
+from microsearch.search.run import best_feasible, load_existing, open_study, run_worker, summary
 from microsearch.search.space import TrialPlan, starting_points, suggest
 from microsearch.search.storage import StorageError, open_storage
 from microsearch.search.study import StudyConfig, StudyError, load_study
@@ -23,6 +23,7 @@ __all__ = [
     "best_feasible",
     "is_feasible",
     "launch",
+    "load_existing",
     "load_study",
     "open_storage",
     "open_study",

@@ -2,11 +2,10 @@
 
 from collections.abc import Callable
 
-import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
-from microsearch.search.storage import open_storage
-from microsearch.search.study import StudyConfig, StudyError
+from microsearch.search.run import existing_storage
+from microsearch.search.study import StudyConfig
 
 
 def serve_dashboard(
@@ -19,13 +18,9 @@ def serve_dashboard(
     """Serve optuna-dashboard until interrupted; bound to localhost unless ``host`` says otherwise."""
     from optuna_dashboard import run_server
 
-    storage = open_storage(storage_url or study.storage_url, study.heartbeat, study.grace)
-    names = optuna.get_all_study_names(storage)
-    if study.name not in names:
-        raise StudyError(
-            f"no study named {study.name!r} in that storage yet (it has: {names or 'none'}); "
-            "run `microsearch search` first"
-        )
+    storage = existing_storage(study, storage_url)
     artifacts = FileSystemArtifactStore(str(study.artifacts_dir)) if study.artifacts_dir.is_dir() else None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log(f"warning: --host {host} makes the dashboard, and the study it can edit, reachable from the network")
     log(f"optuna-dashboard for study {study.name!r} at http://{host}:{port}/dashboard/ (Ctrl-C stops it)")
     run_server(storage, host=host, port=port, artifact_store=artifacts)

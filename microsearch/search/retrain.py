@@ -32,7 +32,7 @@ from microsearch.evaluation.train import (
 from microsearch.evaluation.views import counts, params_markdown, score_markdown, score_terms
 from microsearch.search.objective import train_and_compress
 from microsearch.search.pruner import is_feasible
-from microsearch.search.run import best_feasible, open_study
+from microsearch.search.run import best_feasible, load_existing
 from microsearch.search.space import MODEL, suggest
 from microsearch.search.study import StudyConfig, StudyError
 from microsearch.search.teacher import ensure_teacher, teacher_record
@@ -66,7 +66,7 @@ def retrain(
     """Rebuild a trial's plan, train it on train + validation images, compress it, test it once
     (where the source has a test split), and write ``out/model.pt``, ``out/model_card.json`` and
     ``out/model_card.md``."""
-    trial = pick_trial(open_study(study, storage_url), which)
+    trial = pick_trial(load_existing(study, storage_url), which)
     data = load_data(replace(study.data, val_size=0))  # model selection is over: use every image
     if data.test is None:
         log(f"{study.data.source} has no test split: the card will say how to measure test accuracy")

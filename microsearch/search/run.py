@@ -104,6 +104,24 @@ def open_study(study: StudyConfig, storage_url: str | None = None, sampler_seed:
     return optuna_study
 
 
+def existing_storage(study: StudyConfig, storage_url: str | None = None) -> optuna.storages.BaseStorage:
+    """The storage that holds the study, for commands that only read: nothing is created."""
+    storage = open_storage(storage_url or study.storage_url, study.heartbeat, study.grace, create=False)
+    names = optuna.get_all_study_names(storage)
+    if study.name not in names:
+        raise StudyError(
+            f"no study named {study.name!r} in that storage yet (it has: {names or 'none'}); "
+            "run `microsearch search` first"
+        )
+    return storage
+
+
+def load_existing(study: StudyConfig, storage_url: str | None = None) -> optuna.Study:
+    """The stored study, for reading (report, Pareto figure, retrain)."""
+    with _optuna_warnings_only():
+        return optuna.load_study(study_name=study.name, storage=existing_storage(study, storage_url))
+
+
 def _describe_for_dashboard(optuna_study: optuna.Study, study: StudyConfig) -> None:
     """The study note optuna-dashboard shows: the methodology and the best feasible trial so far.
 

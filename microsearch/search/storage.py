@@ -20,20 +20,23 @@ class StorageError(RuntimeError):
     """The storage cannot be opened or reached; the message names the URL."""
 
 
-def open_storage(url: str, heartbeat: int = 60, grace: int = 180, max_retry: int = 3) -> optuna.storages.BaseStorage:
-    """Open (creating if needed) the storage at ``url`` and check that it answers.
+def open_storage(
+    url: str, heartbeat: int = 60, grace: int = 180, max_retry: int = 3, create: bool = True
+) -> optuna.storages.BaseStorage:
+    """Open the storage at ``url`` and check that it answers; ``create``: make a new SQLite or
+    journal file where there is none (commands that only read pass False).
 
     Example: ``open_storage("journal:studies/run.log")`` or ``open_storage("postgresql+psycopg://...")``.
     """
+    for prefix in ("journal:", "sqlite:///"):
+        if url.startswith(prefix):
+            path = Path(url.removeprefix(prefix)).expanduser()
+            if not path.parent.is_dir():
+                raise StorageError(f"storage {url}: folder {path.parent} does not exist")
+            if not create and not path.is_file():
+                raise StorageError(f"storage {url}: no file {path} (a mistyped path? `microsearch search` creates it)")
     if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:")).expanduser()
-        if not path.parent.is_dir():
-            raise StorageError(f"journal storage {url}: folder {path.parent} does not exist")
-        return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if not path.parent.is_dir():
-            raise StorageError(f"sqlite storage {url}: folder {path.parent} does not exist")
+        return JournalStorage(JournalFileBackend(str(Path(url.removeprefix("journal:")).expanduser())))
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}  # seconds to wait for another writer's lock
     else:  # a server that accepts the connection but never answers must not hang the worker

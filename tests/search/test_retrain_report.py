@@ -160,3 +160,29 @@ blocks = ["basic"]
     assert result["images"] == 30 and result["score"] == pytest.approx(card["audit"]["score"])
     assert main(["evaluate", str(out / "model.pt"), "--data", source, "--split", "val"]) == 2
     assert "trained on every training image" in capsys.readouterr().err
+
+
+def test_read_only_commands_create_nothing_on_a_mistyped_storage(searched, tmp_path, capsys):
+    path, _ = searched
+    for storage in (f"sqlite:///{tmp_path / 'typo.db'}", f"journal:{tmp_path / 'typo.log'}"):
+        for command in (["report", "--out", str(tmp_path / "r")], ["pareto", "--out", str(tmp_path / "p.html")]):
+            assert main([command[0], str(path), "--storage", storage, *command[1:]]) == 2
+            assert "(a mistyped path? `microsearch search` creates it)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no database, no journal, no report
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    optuna.create_study(study_name="someone-else", storage=other)
+    assert main(["retrain", str(path), "--storage", other, "--out", str(tmp_path / "f")]) == 2
+    assert "no study named 'done' in that storage yet (it has: ['someone-else'])" in capsys.readouterr().err
+
+
+def test_the_dashboard_warns_when_it_listens_beyond_this_machine(searched, monkeypatch, capsys):
+    import optuna_dashboard
+
+    path, _ = searched
+    served = []
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kw: served.append(kw))
+    assert main(["dashboard", str(path), "--host", "0.0.0.0", "--port", "8099"]) == 0
+    assert "warning: --host 0.0.0.0 makes the dashboard" in capsys.readouterr().err
+    assert main(["dashboard", str(path), "--port", "8099"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert [s["host"] for s in served] == ["0.0.0.0", "127.0.0.1"]
