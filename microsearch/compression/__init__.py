@@ -6,6 +6,7 @@ Methods that retrain between steps take the retraining as a ``finetune(model)`` 
 from microsearch.compression._filters import (
     channel_contributions,
     filter_l1,
+    filter_stages,
     li_keep,
     li_prune,
     remove_channels,
@@ -64,6 +65,7 @@ __all__ = [
     "compute_layers",
     "current_plan",
     "filter_l1",
+    "filter_stages",
     "han_prune_",
     "install_training_hooks",
     "learned_quantizers",

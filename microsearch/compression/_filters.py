@@ -92,7 +92,7 @@ def sensitivity(
     }
 
 
-def _stages(model: nn.Module) -> list[list[str]]:
+def filter_stages(model: nn.Module) -> list[list[str]]:
     """Block names grouped by stage (everything before the last dot of the name)."""
     groups: dict[str, list[str]] = {}
     for name in _blocks(model):
@@ -106,8 +106,9 @@ def _gradual(
     choose: Callable[[nn.Module, dict[str, float]], Keep],
     finetune: Callable[[nn.Module], None] | None,
 ) -> nn.Module:
-    """Prune stage by stage, retraining after each, so later choices see the recovered network."""
-    for stage in _stages(model):
+    """Prune stage by stage (``filter_stages``), retraining after each, so later choices see the
+    recovered network."""
+    for stage in filter_stages(model):
         stage_ratios = {n: ratios[n] for n in stage if ratios.get(n, 0) > 0}
         if not stage_ratios:
             continue

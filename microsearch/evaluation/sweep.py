@@ -21,6 +21,7 @@ from microsearch.checkpoint import load_model
 from microsearch.compression import (
     L1,
     RandomCriterion,
+    filter_stages,
     han_prune_,
     li_prune,
     make_permanent_,
@@ -51,6 +52,22 @@ class SweepContext:
         if self.finetune:
             train(model, self.data, self.finetune)
 
+    def shared_retrain(self, steps: int) -> Callable[[nn.Module], None] | None:
+        """A retraining callback for a method that retrains ``steps`` times: the fine-tuning
+        epochs are shared among the calls (the remainder goes to the last ones), so every method
+        that retrains gets the same budget. None without fine-tuning."""
+        if not self.finetune:
+            return None
+        total = self.finetune.epochs
+        shares = iter([total // steps + (i >= steps - total % steps) for i in range(steps)])
+
+        def retrain(model: nn.Module) -> None:
+            epochs = next(shares, 0)
+            if epochs:
+                train(model, self.data, replace(self.finetune, epochs=epochs))
+
+        return retrain
+
     def sample_images(self, n: int = 256) -> torch.Tensor:
         """A batch of normalised training images (no augmentation) for ThiNet's activations."""
         return next(iter(DeviceLoader(self.data.train, n, self.device)))[0]
@@ -76,22 +93,19 @@ def _layer(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
 
 
 def _han(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
-    """Prune and retrain in up to HAN_STEPS steps that share the fine-tuning budget of the others."""
-    if not ctx.finetune:
-        han_prune_(model, ratio, ctx.retrain, steps=1)
-        return model
-    steps = min(HAN_STEPS, ctx.finetune.epochs)
-    each = replace(ctx, finetune=replace(ctx.finetune, epochs=ctx.finetune.epochs // steps))
-    han_prune_(model, ratio, each.retrain, steps=steps)
+    """Prune and retrain in HAN_STEPS steps that share the fine-tuning budget of the others."""
+    han_prune_(model, ratio, ctx.shared_retrain(HAN_STEPS) or (lambda m: None), steps=HAN_STEPS)
     return model
 
 
 def _li(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
-    return li_prune(model, ratio, ctx.retrain if ctx.finetune else None, sensitive=ctx.sensitive)
+    """Stage by stage; the retrains after the stages share the fine-tuning budget."""
+    retrain = ctx.shared_retrain(len(filter_stages(model)))
+    return li_prune(model, ratio, retrain, sensitive=ctx.sensitive)
 
 
 def _thinet(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
-    return thinet_prune(model, ratio, ctx.sample_images(), ctx.retrain if ctx.finetune else None)
+    return thinet_prune(model, ratio, ctx.sample_images(), ctx.shared_retrain(len(filter_stages(model))))
 
 
 METHODS: dict[str, Method] = {

@@ -54,6 +54,19 @@ def test_han_retrains_between_steps(model_file, ctx):
     assert row["sparsity"] == pytest.approx(0.6, abs=1e-3) and row["finetune_epochs"] == 1
 
 
+@pytest.mark.parametrize("epochs", [1, 3, 4])
+def test_every_method_that_retrains_gets_the_same_fine_tuning_epochs(model_file, ctx, monkeypatch, epochs):
+    from microsearch.evaluation import sweep as sweep_module
+
+    trained = []
+    monkeypatch.setattr(sweep_module, "train", lambda model, data, config: trained.append(config.epochs))
+    retraining = SweepContext(ctx.data, TrainConfig(epochs=epochs, batch_size=100), CPU, tta=False)
+    for method in ("layer", "han", "li", "thinet"):  # one retrain; three steps; three stages (twice)
+        trained.clear()
+        run_sweep(model_file, method, [0.5], retraining, log=lambda _: None)
+        assert sum(trained) == epochs and all(e > 0 for e in trained), (method, trained)
+
+
 def test_rows_merge_per_method_into_csv_and_json(tmp_path):
     save_rows(tmp_path, [{"method": "global", "ratio": 0.1, "val_acc": 0.5, "score": 1.0}])
     save_rows(tmp_path, [{"method": "random", "ratio": 0.1, "val_acc": 0.4, "score": 1.0}])
