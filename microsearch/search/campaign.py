@@ -128,8 +128,14 @@ def campaign(
     storage = storage or storage_for(out, torch.cuda.device_count())
     optuna_study = search_stage(study, storage, hours, log)
     final = retrain_top(study, optuna_study, out, top, retrain_epochs, out / "final", log)
-    save_pareto(optuna_study, study, out / "pareto.html", final)
-    write_report(study, optuna_study, out / "report", None, out / "final")
+    try:
+        save_pareto(optuna_study, study, out / "pareto.html", final)
+        write_report(study, optuna_study, out / "report", None, out / "final")
+    except ModuleNotFoundError as e:  # a bare GPU machine carries no plotly / optuna-dashboard
+        log(
+            f"[campaign] figure and report skipped: {e.name} is not installed here; "
+            f"`microsearch report {study.path} --storage {storage} --model {out / 'final'}` makes them elsewhere"
+        )
     summary = summarize(optuna_study, study, final, hours)
     summary["campaign_seconds_this_run"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -70,3 +70,15 @@ def test_an_interrupted_campaign_resumes_without_repeating_a_trial_or_an_epoch(t
 
     assert main(argv) == 0  # a finished campaign: every stage is skipped
     assert "[retrain trial" not in capsys.readouterr().err
+
+
+def test_a_campaign_without_plotly_still_delivers_the_model_and_summary(tiny_study, tmp_path, monkeypatch, capsys):
+    for name in ("plotly", "optuna_dashboard"):  # what a bare GPU machine lacks
+        monkeypatch.setitem(sys.modules, name, None)
+    out = tmp_path / "bare"
+    path = tiny_study(images=600)
+    assert main(["campaign", str(path), "--out", str(out), "--top", "1", "--retrain-epochs", "1"]) == 0
+    assert (out / "final" / "model.pt").is_file() and (out / "summary.json").is_file()
+    assert not (out / "pareto.html").exists() and not (out / "report").exists()
+    err = capsys.readouterr().err
+    assert re.search(r"\[campaign\] figure and report skipped: (plotly|optuna_dashboard) is not installed here", err)
