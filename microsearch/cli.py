@@ -381,6 +381,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from microsearch.search import load_existing, load_study
+    from microsearch.search.run import requeue_interrupted, stale_running
+
+    if args.running_older_than < 0:
+        raise ValueError(f"--running-older-than must be >= 0 minutes, got {args.running_older_than}")
+    study = load_study(args.study, _study_overrides(args))
+    optuna_study = load_existing(study, args.storage)
+    stale = stale_running(optuna_study, args.running_older_than)
+    for trial in stale:
+        requeue_interrupted(optuna_study, trial.number)
+    numbers = ", ".join(str(t.number) for t in stale) or "none"
+    print(f"requeued trials RUNNING for more than {args.running_older_than:g} min: {numbers}")
+    return 0
+
+
 def _add_speed_args(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
     """--precision and --compile; on study commands (default None) they override the study file."""
     p.add_argument(
@@ -477,6 +493,17 @@ def _build_retrain(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=int, help="training epochs (default: [retrain] epochs, else a trial's)")
     p.add_argument("--out", required=True, help="folder for model.pt, model_card.json, model_card.md")
+
+
+def _build_requeue(p: argparse.ArgumentParser) -> None:
+    _add_study_args(p)
+    p.add_argument(
+        "--running-older-than",
+        type=float,
+        required=True,
+        metavar="MIN",
+        help="trials RUNNING for more than MIN minutes are marked failed and queued again",
+    )
 
 
 def _build_report(p: argparse.ArgumentParser) -> None:
@@ -589,6 +616,11 @@ COMMANDS: dict[str, tuple[str, Builder, Runner]] = {
         cmd_retrain,
     ),
     "report": ("write the study report (HTML and markdown)", _build_report, cmd_report),
+    "requeue": (
+        "mark trials left RUNNING by a killed worker failed and queue them again",
+        _build_requeue,
+        cmd_requeue,
+    ),
     "campaign": (
         "search, retrain the best trials, choose, test once, report: resumable",
         _build_campaign,

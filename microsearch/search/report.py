@@ -15,7 +15,7 @@ from microsearch.search import describe
 from microsearch.search.pareto import final_point, trial_points
 from microsearch.search.pruner import curve, is_feasible
 from microsearch.search.retrain import test_accuracy
-from microsearch.search.run import best_feasible
+from microsearch.search.run import best_feasible, stale_note
 from microsearch.search.study import StudyConfig
 
 
@@ -72,8 +72,9 @@ def sections(study: StudyConfig, optuna_study: optuna.Study, sweeps: Path | None
         if best
         else f"No trial has reached the trial target ({study.trial_target:.0%}) yet."
     )
+    stale = stale_note(study, optuna_study)
     out = [
-        Section("Summary", [f"{len(trials)} trials ({summary}).", best_text]),
+        Section("Summary", [f"{len(trials)} trials ({summary}).", best_text, *([f"Note: {stale}."] if stale else [])]),
         Section(
             "Methodology",
             [describe.goal(study), describe.recipe(study), describe.distillation(study)],

@@ -1,5 +1,6 @@
 """Workers: each runs trials of one named study on a shared storage until its budget is spent."""
 
+import datetime
 import importlib.util
 import secrets
 import time
@@ -190,6 +191,9 @@ def run_worker(
         )
 
     log(f"[{tag}worker] sampler seed {sampler_seed} (recorded with each trial)")
+    note = stale_note(study, optuna_study)
+    if note:
+        log(f"[{tag}worker] note: {note}")
     teacher = ensure_teacher(study, data, log)
     if teacher is not None:
         optuna_study.set_user_attr("teacher", teacher_record(study, teacher[1]))
@@ -219,6 +223,29 @@ def requeue_interrupted(optuna_study: optuna.Study, number: int) -> None:
     trial = optuna_study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
     if trial.state == TrialState.FAIL:
         RetryHeartbeatStaleTrialCallback()(optuna_study, trial)
+
+
+def stale_running(optuna_study: optuna.Study, minutes: float) -> list[optuna.trial.FrozenTrial]:
+    """Trials RUNNING for more than ``minutes``: on a journal file (no heartbeat) a killed
+    worker's trial stays RUNNING forever."""
+    now = datetime.datetime.now()
+    return [
+        t
+        for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > minutes * 60
+    ]
+
+
+def stale_note(study: StudyConfig, optuna_study: optuna.Study, minutes: float = 120) -> str | None:
+    """What to tell a user whose study has trials RUNNING for hours, or None."""
+    stale = stale_running(optuna_study, minutes)
+    if not stale:
+        return None
+    return (
+        f"{len(stale)} trial(s) ({', '.join(str(t.number) for t in stale)}) have been RUNNING for more than "
+        f"{minutes:.0f} min; if their workers are gone: microsearch requeue {study.path} "
+        f"--running-older-than {minutes:.0f} [--storage URL]"
+    )
 
 
 def _outcome(trial: optuna.trial.FrozenTrial) -> str:

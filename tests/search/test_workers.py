@@ -113,7 +113,8 @@ def test_a_changed_definition_is_refused_on_the_same_storage(tiny_study, tmp_pat
     assert main(["search", str(path), "--storage", url, "--n-trials", "1", *other_host]) == 0
 
 
-def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path, signum):
     path = tiny_study(images=3000, epochs=20)  # trials long enough to be interrupted
     study = load_study(path)
     url = f"sqlite:///{tmp_path / 'stop.db'}"
@@ -133,7 +134,7 @@ def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path):
         if len([t for t in running if t.user_attrs.get("history")]) == 2:  # both inside their first epochs
             break
     assert len(running) == 2, "both workers should be training"
-    launcher.send_signal(signal.SIGINT)  # the launcher alone: it must pass the interrupt on
+    launcher.send_signal(signum)  # the launcher alone (what a scheduler signals): it must pass it on
     assert launcher.wait(timeout=60) == 130, launcher.stderr.read()
     stderr = launcher.stderr.read()
     with pytest.raises(ProcessLookupError):  # no worker left in the launcher's process group
@@ -201,3 +202,22 @@ def test_an_interrupted_trial_is_failed_and_queued_again_with_its_parameters():
     study.tell(retry, 0.5)
     requeue_interrupted(study, retry.number)  # a finished trial is left as it is
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_requeue_frees_a_trial_a_killed_worker_left_running_on_a_journal_file(tiny_study, tmp_path, capsys):
+    from microsearch.search.run import stale_note
+
+    path = tiny_study()
+    url = f"journal:{tmp_path / 'j.log'}"
+    study = load_study(path)
+    orphan = open_study(study, url).ask()  # as a SIGKILLed worker leaves it: RUNNING, no heartbeat
+    orphan.suggest_int("width", 2, 4, log=True)
+    args = ["requeue", str(path), "--storage", url, "--running-older-than"]
+    assert main([*args, "60"]) == 0 and "RUNNING for more than 60 min: none" in capsys.readouterr().out
+    assert "requeue" in stale_note(study, open_study(study, url), minutes=0)  # what search and report say
+    assert main([*args, "0"]) == 0 and f"RUNNING for more than 0 min: {orphan.number}" in capsys.readouterr().out
+    trials = open_study(study, url).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].params["width"] == 4 and trials[1].params == trials[0].params  # queued with its values
+    assert main([*args, "-1"]) == 2 and "must be >= 0" in capsys.readouterr().err
