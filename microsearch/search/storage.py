@@ -4,6 +4,8 @@ RDB storages record a heartbeat for every running trial; when a worker dies, the
 start a trial marks the silent one failed and queues a retry with the same parameters.
 """
 
+import random
+import time
 import warnings
 from pathlib import Path
 
@@ -11,9 +13,10 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 CONNECT_TIMEOUT = 15  # seconds for a database server to accept and answer a connection
+CREATE_ATTEMPTS = 5  # tries to open a database that other workers may be creating at that moment
 
 
 class StorageError(RuntimeError):
@@ -41,19 +44,30 @@ def open_storage(
         engine_kwargs = {"connect_args": {"timeout": 60}}  # seconds to wait for another writer's lock
     else:  # a server that accepts the connection but never answers must not hang the worker
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat,
-                grace_period=grace,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-            )
-    except Exception as e:  # unreachable server, bad URL, missing driver: one line, no traceback
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"cannot open storage {_hide_password(url)}: {reason}") from None
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat,
+                    grace_period=grace,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+                )
+        except (IntegrityError, OperationalError) as e:
+            # Workers starting together on a new database race to create its tables (one of them
+            # meets "UNIQUE constraint failed: alembic_version"): the schema is there on a retry.
+            if attempt + 1 < CREATE_ATTEMPTS and "connection" not in str(e).lower():
+                time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+                continue
+            raise StorageError(f"cannot open storage {_hide_password(url)}: {_first_line(e)}") from None
+        except Exception as e:  # unreachable server, bad URL, missing driver: one line, no traceback
+            raise StorageError(f"cannot open storage {_hide_password(url)}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _hide_password(url: str) -> str:

@@ -221,3 +221,20 @@ def test_requeue_frees_a_trial_a_killed_worker_left_running_on_a_journal_file(ti
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[0].params["width"] == 4 and trials[1].params == trials[0].params  # queued with its values
     assert main([*args, "-1"]) == 2 and "must be >= 0" in capsys.readouterr().err
+
+
+def test_workers_starting_together_on_a_new_sqlite_file_all_open_it(tmp_path):
+    code = (
+        "import sys, time\n"
+        "from microsearch.search.storage import open_storage\n"
+        "while time.time() < float(sys.argv[2]): time.sleep(0.001)\n"  # start together
+        "open_storage(sys.argv[1])\n"
+    )
+    for round_ in range(2):  # (without retries, each round met "UNIQUE constraint failed: alembic_version")
+        url, start = f"sqlite:///{tmp_path / f'new{round_}.db'}", str(time.time() + 15)  # after the imports
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, url, start], stderr=subprocess.PIPE, text=True)
+            for _ in range(6)
+        ]
+        errors = [p.stderr.read() for p in procs if p.wait(timeout=120) != 0]
+        assert not errors, errors[0]
