@@ -115,7 +115,7 @@ def sections(study: StudyConfig, optuna_study: optuna.Study, sweeps: Path | None
                     f"Score {score_terms(a)} ({card['rule']}); {counts(a)}. The table gives every layer's "
                     "parameters, nonzero parameters, sparsity, weight/activation bits and operations.",
                     f"Retrained {budget['epochs']} epochs + {budget['finetune_epochs']} fine-tuning epochs after "
-                    f"compression (recipe {budget['recipe']})"
+                    f"compression (recipe {budget['recipe']}, peak learning rate {budget['lr']:g})"
                     + (f", distilled from {teacher['model']} ({teacher['val_acc']:.2%} validation)" if teacher else "")
                     + f", on {card['data']['train_images']:,} images in {card['seconds']:.0f} s on {card['device']} "
                     f"({card['precision']}). At search time the trial had {card['search']['val_acc']:.2%} validation "

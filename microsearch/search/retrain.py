@@ -97,8 +97,9 @@ def train_trial(
         "epochs": epochs or r.epochs or plan.train.epochs,
         "finetune_epochs": r.finetune_epochs or study.budget.finetune_epochs,
         "recipe": r.recipe or plan.train.recipe,
+        "lr": r.lr or plan.train.lr,
     }
-    plan = replace(plan, train=replace(plan.train, epochs=budget["epochs"], recipe=budget["recipe"]))
+    plan = replace(plan, train=replace(plan.train, epochs=budget["epochs"], recipe=budget["recipe"], lr=budget["lr"]))
     teacher = ensure_teacher(study, None, log) if plan.train.distill else None
     device = resolve_device(plan.train.device)
     total = plan.train.epochs + budget["finetune_epochs"]

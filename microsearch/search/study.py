@@ -112,13 +112,14 @@ class RetrainConfig:
     epochs: int = 0  # training epochs before compression; 0: a trial's ([budget] epochs)
     finetune_epochs: int = 0  # after pruning; 0: a trial's
     recipe: str = ""  # a name in RECIPES; "": a trial's
+    lr: float = 0.0  # peak learning rate; 0: a trial's (a long quantized run may need a lower one)
     top: int = 3  # lowest-score trials (at trial_target) retrained as final candidates
 
     def __post_init__(self) -> None:
         if self.recipe and self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {list(RECIPES)} or empty, got {self.recipe!r}")
-        if min(self.epochs, self.finetune_epochs) < 0 or self.top < 1:
-            raise ValueError(f"need epochs, finetune_epochs >= 0 and top >= 1, got {self}")
+        if min(self.epochs, self.finetune_epochs, self.lr) < 0 or self.top < 1:
+            raise ValueError(f"need epochs, finetune_epochs, lr >= 0 and top >= 1, got {self}")
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_retrain_top_k_chooses_on_validation_and_reads_the_test_split_once_at_th
 ):
     path = tiny_study(target=0.5, images=1000, epochs=3)
     # a trial target every trial meets, so that there are always two candidates to choose from
-    settings = [*DISTIL, "trial_target=0.01", "retrain.epochs=4", "retrain.finetune_epochs=1"]
+    settings = [*DISTIL, "trial_target=0.01", "retrain.epochs=4", "retrain.finetune_epochs=1", "retrain.lr=0.1"]
     flags = [f for s in settings for f in ("--set", s)]
     assert main(["search", str(path), "--n-trials", "3", *flags]) == 0
     study = load_study(path, settings)
@@ -99,7 +99,8 @@ def test_retrain_top_k_chooses_on_validation_and_reads_the_test_split_once_at_th
     assert tested.count(True) == 1  # one evaluation of the test split
     card = json.loads((out / "model_card.json").read_text())
     assert card["test_acc"] is not None and card["trial"] in {c["trial"] for c in candidates}
-    assert card["budget"] == {"epochs": 4, "finetune_epochs": 1, "recipe": "baseline"}
+    assert card["budget"] == {"epochs": 4, "finetune_epochs": 1, "recipe": "baseline", "lr": 0.1}
+    assert card["plan"]["train"]["lr"] == 0.1
     assert card["teacher"]["val_acc"] == optuna_study.user_attrs["teacher"]["val_acc"]
     assert (card["target"], card["trial_target"]) == (0.5, 0.01)
     complete = [t for t in optuna_study.trials if t.state.name == "COMPLETE"]
