@@ -29,3 +29,5 @@ sweep global 0.3,0.5,0.7,0.8,0.9
 sweep han 0.5,0.7,0.8,0.9 --finetune-epochs $FT
 sweep li 0.2,0.4,0.6 --finetune-epochs $FT
 sweep thinet 0.2,0.4,0.6 --finetune-epochs $FT
+# The figure as a PNG for readers without a browser (the cheap random sweep again, same rows).
+[ -f "$OUT/sweep.png" ] || ms sweep $MODEL/model.pt --data $DATA --out "$OUT" --method random --ratios 0.3,0.5,0.7,0.8,0.9 --png
