@@ -37,7 +37,8 @@ def layer_table(audit: dict) -> tuple[list[str], list[list]]:
     return head, rows
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """One table cell: floats to 4 significant digits, integers with thousands separators."""
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -49,7 +50,7 @@ def markdown_table(head: list[str], rows: list[list]) -> str:
     """Numbers right-aligned, everything else left-aligned (by the first row's cells)."""
     align = ["---:" if rows and isinstance(v, int | float) and not isinstance(v, bool) else "---" for v in rows[0]]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align or ["---"] * len(head)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows])
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 
 
 def score_markdown(audit: dict) -> str:

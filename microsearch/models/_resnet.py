@@ -89,7 +89,20 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class SeparableBlock(nn.Module):
+class _PointwisePair(nn.Module):
+    """A block whose pruned filters are those of its first pointwise conv (``pw1``), feeding its
+    last one (``pw2``)."""
+
+    @property
+    def producer(self) -> nn.Conv2d:
+        return self.pw1[0]
+
+    @property
+    def consumer(self) -> nn.Conv2d:
+        return self.pw2[0]
+
+
+class SeparableBlock(_PointwisePair):
     """Depthwise 3x3 -> pointwise (c_in -> mid) -> ReLU -> depthwise 3x3 -> pointwise (mid -> c_out)."""
 
     def __init__(self, c_in: int, mid: int, c_out: int, stride: int) -> None:
@@ -100,21 +113,13 @@ class SeparableBlock(nn.Module):
         self.pw2 = _conv_bn(mid, c_out, 1)
         self.shortcut = _shortcut(c_in, c_out, stride)
 
-    @property
-    def producer(self) -> nn.Conv2d:
-        return self.pw1[0]
-
-    @property
-    def consumer(self) -> nn.Conv2d:
-        return self.pw2[0]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.pw1(self.dw1(x)))
         out = self.pw2(self.dw2(out))
         return F.relu(out + self.shortcut(x))
 
 
-class InvertedBlock(nn.Module):
+class InvertedBlock(_PointwisePair):
     """Pointwise expand (c_in -> mid) -> ReLU -> depthwise 3x3 (stride) -> ReLU -> pointwise
     project (mid -> c_out), plus shortcut (MobileNetV2's inverted residual, ReLU after the sum)."""
 
@@ -124,14 +129,6 @@ class InvertedBlock(nn.Module):
         self.dw = _conv_bn(mid, mid, 3, stride, groups=mid)
         self.pw2 = _conv_bn(mid, c_out, 1)
         self.shortcut = _shortcut(c_in, c_out, stride)
-
-    @property
-    def producer(self) -> nn.Conv2d:
-        return self.pw1[0]
-
-    @property
-    def consumer(self) -> nn.Conv2d:
-        return self.pw2[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.dw(F.relu(self.pw1(x))))

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from microsearch.evaluation.plots import pareto_figure, sweep_figure
-from microsearch.evaluation.views import counts, layer_table, score_line, score_terms
+from microsearch.evaluation.views import cell, counts, layer_table, markdown_table, score_line, score_terms
 from microsearch.search import describe
 from microsearch.search.pareto import final_point, trial_points
 from microsearch.search.pruner import curve, is_feasible
@@ -25,14 +25,6 @@ class Section:
     paragraphs: list[str] = field(default_factory=list)
     table: tuple[list[str], list[list[Any]]] | None = None
     figure: Any = None  # a plotly figure, embedded in the HTML
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    return str(v)
 
 
 def _trials_table(study: optuna.Study) -> tuple[list[str], list[list[Any]]]:
@@ -174,7 +166,7 @@ def to_html(title: str, parts: list[Section]) -> str:
         if s.table:
             head, rows = s.table
             body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>")
-            body += ["<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows]
+            body += ["<tr>" + "".join(f"<td>{html.escape(cell(v))}</td>" for v in r) + "</tr>" for r in rows]
             body.append("</table>")
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -190,10 +182,7 @@ def to_markdown(title: str, parts: list[Section]) -> str:
         if s.figure is not None:
             out.append("(Interactive plot in report.html.)\n")
         if s.table:
-            head, rows = s.table
-            out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-            out += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
-            out.append("")
+            out += [markdown_table(*s.table), ""]
     return "\n".join(out) + "\n"
 
 

@@ -66,13 +66,3 @@ def test_floor_is_the_lowest_feasible_curve_scaled_to_the_target():
     # lowest), OTHERS 0.8 x 0.90/0.96 = 0.75 and 0.79 x 0.90/0.95 = 0.7484
     assert TargetPruner(TARGET).floor(_study(TargetPruner(TARGET)), 2) == pytest.approx(0.6131868, abs=1e-7)
     assert TargetPruner(TARGET, min_feasible=5).floor(_study(TargetPruner(TARGET)), 2) is None  # only 4
-
-
-def test_a_stopped_trial_keeps_its_accuracy_off_the_score_axis():
-    study = _study(TargetPruner(TARGET, margin=0.05, warmup_steps=1))
-    trial = study.ask()
-    trial.set_user_attr("history", _history(HOPELESS[:2]))
-    assert trial.should_prune()
-    study.tell(trial, state=TrialState.PRUNED)
-    stopped = study.get_trials()[-1]
-    assert stopped.state == TrialState.PRUNED and stopped.value is None  # not 1 - 0.30 among the scores
