@@ -95,6 +95,9 @@ class TrainConfig:
     cutout: int = 0  # cutout square side in pixels; 0 disables
     tta: bool = False  # evaluate on the image and its mirror (2 forward passes, both scored)
     recipe: str = "baseline"  # a name in RECIPES
+    # The recipe's float warm-up before uncalibrated quantizers start; off for a model that starts
+    # from trained float weights (quantization-aware fine-tuning).
+    float_warmup: bool = True
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 where the hardware runs it natively)
     compile: str = "auto"  # auto | on | off (auto: quantized models, runs of COMPILE_MIN_STEPS steps)
     seed: int = 0
@@ -347,7 +350,8 @@ def train(
     total = config.epochs * len(loader)
     compile_on = _should_compile(config, model, total)
     # A float warm-up only for quantizers that start from scratch (not when fine-tuning).
-    float_epochs = 0 if calibrated(model) else math.floor(recipe.float_warmup * config.epochs)
+    warm_up = config.float_warmup and not calibrated(model)
+    float_epochs = math.floor(recipe.float_warmup * config.epochs) if warm_up else 0
 
     def start_phase(quantized: bool) -> nn.Module:
         """Quantizers on or off; calibrated eagerly on one batch, then the step is (re)compiled."""

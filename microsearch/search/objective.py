@@ -55,6 +55,18 @@ FILTER_PRUNERS: dict[str, Callable[[nn.Module, dict[str, float], Dataset, torch.
 EpochHook = Callable[[EpochStats], None] | None
 
 
+def start_from(plan: TrialPlan, study: StudyConfig, teacher: nn.Module | None) -> nn.Module | None:
+    """The trained float network a candidate starts from (``[distill] init``): the teacher, where
+    the candidate's float network has exactly its layers (names and shapes); None: from scratch."""
+    if not study.distill.init or teacher is None:
+        return None
+
+    def shapes(model: nn.Module) -> dict[str, torch.Size]:
+        return {name: t.shape for name, t in model.state_dict().items()}
+
+    return teacher if shapes(create_model(MODEL, **plan.model)) == shapes(teacher) else None
+
+
 def train_and_compress(
     plan: TrialPlan,
     study: StudyConfig,
@@ -64,20 +76,26 @@ def train_and_compress(
     checkpoints: Path | None = None,
     teacher: nn.Module | None = None,
     finetune_epochs: int | None = None,
+    init: nn.Module | None = None,
 ) -> nn.Module:
     """Build the planned model, train it quantization-aware, remove filters, zero weights,
     fine-tune with the masks fixed and make the pruning permanent. With ``checkpoints`` (a
     folder), both trainings resume after their last finished epoch; pruning is deterministic.
     ``teacher``: the study's distillation teacher (when the plan distils). ``finetune_epochs``
-    overrides the study's (a retrain's budget)."""
+    overrides the study's (a retrain's budget). ``init``: a trained float network with the
+    model's layers (``start_from``) whose weights it starts from, quantized from the first epoch."""
     device = resolve_device(plan.train.device)
     torch.manual_seed(plan.train.seed)
     model = create_model(MODEL, **plan.model)
+    config = plan.train
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+        config = replace(config, float_warmup=False)
     quantize_(model, plan.quant)
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoints and checkpoints / "train.pt"
-    train(model, data, plan.train, on_epoch, print_progress, checkpoint, teacher)
+    train(model, data, config, on_epoch, print_progress, checkpoint, teacher)
     if any(plan.filters.values()):
         model = FILTER_PRUNERS[study.compression.structured](model, plan.filters, data, device)
     if plan.sparsity:
@@ -85,7 +103,7 @@ def train_and_compress(
     budget = study.budget
     epochs = budget.finetune_epochs if finetune_epochs is None else finetune_epochs
     if epochs:
-        tune = replace(plan.train, epochs=epochs, lr=budget.finetune_lr, warmup=0.0)
+        tune = replace(config, epochs=epochs, lr=budget.finetune_lr, warmup=0.0)
         checkpoint = checkpoints and checkpoints / "finetune.pt"
         train(model, data, tune, on_finetune_epoch, print_progress, checkpoint, teacher)
     make_permanent_(model)
@@ -152,8 +170,16 @@ class Objective:
                 set_feasibility(trial, stats.val_acc, self.study.trial_target)
                 raise optuna.TrialPruned(f"val {stats.val_acc:.1%} at epoch {step} is below every feasible trial")
 
+        init = start_from(plan, self.study, self.teacher)
+        trial.set_user_attr("init", "teacher" if init is not None else "scratch")
         model = train_and_compress(
-            plan, self.study, self.data, report, lambda s: report(s, offset=plan.train.epochs), teacher=self.teacher
+            plan,
+            self.study,
+            self.data,
+            report,
+            lambda s: report(s, offset=plan.train.epochs),
+            teacher=self.teacher,
+            init=init,
         )
         result = evaluate(model, self.data.val, self.device, plan.train.tta, plan.train.precision)
         score = audit(model, rule=self.study.rule, passes=result.passes)

@@ -14,7 +14,7 @@ from microsearch.evaluation.views import cell, counts, layer_table, markdown_tab
 from microsearch.search import describe
 from microsearch.search.pareto import final_point, trial_points
 from microsearch.search.pruner import curve, is_feasible
-from microsearch.search.retrain import test_accuracy
+from microsearch.search.retrain import test_accuracy, training_words
 from microsearch.search.run import best_feasible, stale_note
 from microsearch.search.study import StudyConfig
 
@@ -96,7 +96,6 @@ def sections(study: StudyConfig, optuna_study: optuna.Study, sweeps: Path | None
     if model is not None:
         card = json.loads((model / "model_card.json").read_text())
         a = card["audit"]
-        budget, teacher = card["budget"], card["teacher"]
         val = card["val_acc"]
         out.append(
             Section(
@@ -106,11 +105,9 @@ def sections(study: StudyConfig, optuna_study: optuna.Study, sweeps: Path | None
                     + f"test accuracy {test_accuracy(card)}.",
                     f"Score {score_terms(a)} ({card['rule']}); {counts(a)}. The table gives every layer's "
                     "parameters, nonzero parameters, sparsity, weight/activation bits and operations.",
-                    f"Retrained {budget['epochs']} epochs + {budget['finetune_epochs']} fine-tuning epochs after "
-                    f"compression (recipe {budget['recipe']}, peak learning rate {budget['lr']:g})"
-                    + (f", distilled from {teacher['model']} ({teacher['val_acc']:.2%} validation)" if teacher else "")
-                    + f", on {card['data']['train_images']:,} images in {card['seconds']:.0f} s on {card['device']} "
-                    f"({card['precision']}). At search time the trial had {card['search']['val_acc']:.2%} validation "
+                    f"Retrained {training_words(card)}, on {card['data']['train_images']:,} images "
+                    f"in {card['seconds']:.0f} s on {card['device']} ({card['precision']}). "
+                    f"At search time the trial had {card['search']['val_acc']:.2%} validation "
                     f"accuracy at score {card['search']['score']:.5f}.",
                 ],
                 table=layer_table(a),

@@ -30,7 +30,7 @@ from microsearch.evaluation.train import (
     resolve_precision,
 )
 from microsearch.evaluation.views import counts, params_markdown, score_markdown, score_terms
-from microsearch.search.objective import train_and_compress
+from microsearch.search.objective import start_from, train_and_compress
 from microsearch.search.pruner import is_feasible
 from microsearch.search.run import best_feasible, load_existing
 from microsearch.search.space import MODEL, suggest
@@ -100,7 +100,8 @@ def train_trial(
         "lr": r.lr or plan.train.lr,
     }
     plan = replace(plan, train=replace(plan.train, epochs=budget["epochs"], recipe=budget["recipe"], lr=budget["lr"]))
-    teacher = ensure_teacher(study, None, log) if plan.train.distill else None
+    teacher = ensure_teacher(study, None, log) if plan.train.distill or study.distill.init else None
+    init = start_from(plan, study, None if teacher is None else teacher[0])
     device = resolve_device(plan.train.device)
     total = plan.train.epochs + budget["finetune_epochs"]
 
@@ -124,6 +125,7 @@ def train_trial(
         checkpoints,
         None if teacher is None else teacher[0],
         budget["finetune_epochs"],
+        init,
     )
     passes = 2 if plan.train.tta else 1
     val_acc = (
@@ -143,6 +145,7 @@ def train_trial(
         "hyperparameters": trial.params,
         "budget": budget,
         "teacher": None if teacher is None else teacher_record(study, teacher[1]),
+        "init": "teacher" if init is not None else "scratch",  # the float weights it started from
         "target": study.target,
         "trial_target": study.trial_target,
         "data": {
@@ -277,6 +280,17 @@ def test_accuracy(card: dict) -> str:
     return f"{card['test_acc']:.2%} ({card['data']['test_images']:,} test images, {card['passes']} pass(es))"
 
 
+def training_words(card: dict) -> str:
+    """How the final model was trained: budget, recipe, teacher, starting weights."""
+    budget, teacher = card["budget"], card["teacher"]
+    return (
+        f"{budget['epochs']} epochs + {budget['finetune_epochs']} fine-tuning epochs after compression "
+        f"(recipe {budget['recipe']}, peak learning rate {budget['lr']:g})"
+        + (f", distilled from {teacher['model']} ({teacher['val_acc']:.2%} validation)" if teacher else "")
+        + (", started from the teacher's float weights" if card.get("init") == "teacher" else "")
+    )
+
+
 def model_card_markdown(card: dict) -> str:
     a = card["audit"]
     val = card.get("val_acc")
@@ -291,6 +305,7 @@ def model_card_markdown(card: dict) -> str:
         f"| score ({card['rule']}) | {score_terms(a)} |\n"
         f"| counted | {counts(a)} |\n"
         f"| trained on | {card['data']['source']}, {card['data']['train_images']:,} images |\n"
+        f"| training | {training_words(card)} |\n"
         f"| search | validation {card['search']['val_acc']:.2%}, score {card['search']['score']:.5f} |\n"
         f"| device, precision, time | {card['device']}, {card['precision']}, {card['seconds']:.0f} s |\n"
         f"| version | {card['version']} |\n"

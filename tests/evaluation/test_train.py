@@ -193,6 +193,9 @@ def test_the_fast_recipe_warms_up_in_float_then_trains_quantized(small_data, mon
     phases.clear()
     train(model, small_data, TrainConfig(epochs=2, batch_size=64, recipe="fast"))
     assert phases == [True]  # fine-tuning a calibrated model never goes back to float
+    phases.clear()
+    train(_quantized(4), small_data, TrainConfig(epochs=4, batch_size=64, recipe="fast", float_warmup=False))
+    assert phases == [True]  # from trained float weights: quantized from the first epoch
 
 
 def test_ema_weights_are_a_smoothed_copy_that_ends_in_the_model():

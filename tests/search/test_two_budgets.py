@@ -2,14 +2,17 @@
 
 import importlib
 import json
+from dataclasses import replace
 
 import pytest
 import torch
+from optuna.trial import FixedTrial
 
 from microsearch.cli import main
 from microsearch.evaluation.data import Split, load_data
 from microsearch.evaluation.train import evaluate
-from microsearch.search import load_study, open_study
+from microsearch.search import load_study, open_study, starting_points, suggest
+from microsearch.search.objective import start_from, train_and_compress
 from microsearch.search.teacher import ensure_teacher, teacher_path
 
 retrain_module = importlib.import_module("microsearch.search.retrain")  # the package exports the function
@@ -133,3 +136,34 @@ def test_a_saved_teacher_is_used_only_if_it_held_out_the_same_validation_images(
         load_study(path, [f"distill.teacher_file='{good}'", "distill.teacher='resnet'"])
     with pytest.raises(ValueError, match="no model file"):
         load_study(path, [f"distill.teacher_file='{tmp_path / 'missing.pt'}'"])
+
+
+def test_candidates_with_the_teachers_layers_start_from_its_weights(tiny_study, tmp_path):
+    saved = tmp_path / "teacher"
+    train = ["train", "--data", "synthetic:300", "--model", "resnet", "--model-arg", "width=4"]
+    assert main([*train, "--model-arg", "blocks=1,1", "--model-arg", "multipliers=1,2", "--epochs", "2",
+                 "--batch-size", "50", "--val-size", "100", "--out", str(saved)]) == 0  # fmt: skip
+    path = tiny_study(images=300)
+    init = [f"distill.teacher_file='{saved / 'model.pt'}'", "distill.init=true"]
+    study = load_study(path, init)
+    teacher, _ = ensure_teacher(study, log=lambda line: None)
+    point = starting_points(study)[0]  # width 4, one block in each of two stages: the teacher's layers
+    assert (point["width"], point["depth"]) == (4, 1)
+    plan = suggest(FixedTrial(point), study)
+    assert start_from(plan, study, teacher) is teacher
+    assert start_from(suggest(FixedTrial({**point, "width": 2}), study), study, teacher) is None
+    assert start_from(plan, load_study(path, init[:1]), teacher) is None  # init = false
+    with pytest.raises(ValueError, match="init = true"):
+        load_study(path, ["distill.init=true"])  # no teacher to start from
+
+    slow = replace(plan, train=replace(plan.train, lr=1e-6))  # the weights barely move in training
+    data = load_data(study.data)
+    started = train_and_compress(slow, study, data, teacher=teacher, init=teacher)
+    scratch = train_and_compress(slow, study, data, teacher=teacher)
+    for name, weight in teacher.named_parameters():
+        torch.testing.assert_close(started.get_parameter(name), weight, atol=1e-4, rtol=0)
+    assert (scratch.get_parameter("stem.0.weight") - teacher.stem[0].weight).abs().max() > 1e-3  # 2 epochs apart
+
+    assert main(["search", str(path), "--n-trials", "1", *(f"--set={s}" for s in init)]) == 0
+    (trial,) = open_study(study).trials  # the built-in starting point: the teacher's layers
+    assert trial.user_attrs["init"] == "teacher" and trial.params["width"] == 4
