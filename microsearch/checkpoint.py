@@ -39,18 +39,46 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any] | None =
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model stored at ``path``; returns it (in eval mode) and its metadata."""
+    """Rebuild the model stored at ``path``; returns it (in eval mode) and its metadata. A file
+    that is damaged or not one of ours fails with one line naming it and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable model file: {e}") from None
+        raise ValueError(
+            f"{path} is not a readable model file (truncated, or not a torch file): {_first_line(e)}"
+        ) from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} file")
-    model = create_model(blob["model"]["name"], **blob["model"]["config"])
-    apply_quant_plan_(model, blob["quant_plan"])
-    model.to(getattr(torch, blob["dtype"]))
-    model.load_state_dict(blob["state_dict"])
+    missing = [key for key in ("model", "quant_plan", "dtype", "state_dict", "meta") if key not in blob]
+    if missing:
+        raise ValueError(f"{path}: a damaged {FORMAT} file, missing {missing}")
+    try:
+        model = _rebuild(blob)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{path}: a damaged {FORMAT} file: {_first_line(e)}") from None
     return model.to(device).eval(), blob["meta"]
+
+
+def _rebuild(blob: dict[str, Any]) -> nn.Module:
+    spec = blob["model"]
+    model = create_model(spec["name"], **spec["config"])
+    apply_quant_plan_(model, blob["quant_plan"])
+    dtype = getattr(torch, str(blob["dtype"]), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype {blob['dtype']!r} is not a floating-point torch dtype")
+    model.to(dtype)
+    missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"its weights do not fit its model: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -315,8 +315,8 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from microsearch.search import load_existing, load_study, save_pareto
 
     study = load_study(args.study, _study_overrides(args))
-    path = save_pareto(load_existing(study, args.storage), study, args.out)
-    print(f"wrote {path} (and stored the figure in study {study.name!r} for optuna-dashboard)")
+    path = save_pareto(load_existing(study, args.storage), study, args.out, log=_log)
+    print(f"wrote {path}")
     return 0
 
 
@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stop)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # user errors: bad input, files, storage
         print(f"microsearch {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch.nn.utils import prune
@@ -55,3 +57,42 @@ def test_unreadable_files_are_named(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a microsearch-model/1 file"):
         load_model(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda b: b.pop("quant_plan"), r"missing \['quant_plan'\]"),
+        (lambda b: b.update(dtype="float77"), "dtype 'float77' is not a floating-point torch dtype"),
+        (lambda b: b.update(dtype="Tensor"), "dtype 'Tensor' is not a floating-point torch dtype"),
+        (lambda b: b.update(model={"name": "nosuch", "config": {}}), "unknown model 'nosuch'"),
+        (lambda b: b.update(model="resnet"), "string indices"),
+        (lambda b: b["quant_plan"].update({"stem.0": {"weight": 99, "act": 4, "bias": 16}}), "got 99"),
+        (lambda b: b["state_dict"].pop("fc.bias"), r"1 missing \(e.g. \['fc.bias'\]\), 0 unexpected"),
+    ],
+)
+def test_a_damaged_model_file_fails_with_one_line_naming_it(tmp_path, capsys, damage, needle):
+    from microsearch.cli import main
+
+    save_model(tmp_path / "good.pt", create_model("resnet", width=4, blocks=(1, 1, 1)))
+    blob = torch.load(tmp_path / "good.pt", weights_only=True)
+    damage(blob)
+    torch.save(blob, tmp_path / "bad.pt")
+    assert main(["score", str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{tmp_path / 'bad.pt'}: a damaged microsearch-model/1 file" in err
+    assert re.search(needle, err)
+
+
+def test_a_truncated_or_empty_model_file_is_named(tmp_path, capsys):
+    from microsearch.cli import main
+
+    save_model(tmp_path / "good.pt", create_model("resnet", width=4, blocks=(1, 1, 1)))
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("cut.pt", "empty.pt"):
+        assert main(["score", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{tmp_path / name} is not a readable model file (truncated" in err

@@ -74,6 +74,10 @@ def _cifar10(arg: str, config: DataConfig) -> tuple[Split, Split | None, list[st
     return splits[0], splits[1], list(ds.classes)
 
 
+# torchvision's CIFAR10(...).classes (read from the archive's metadata, so written out here)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
 def _list_tree(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if len(classes) < 2:
@@ -96,8 +100,7 @@ def _decode_tree(root: Path, cache_dir: Path) -> tuple[Split, list[str]]:
     stamp = f"{root.resolve()}|{len(files)}|{max(os.stat(f).st_mtime_ns for f, _ in files)}"
     cache = cache_dir / f"imagefolder-{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.pt"
     if cache.exists():
-        blob = torch.load(cache, weights_only=True)
-        return Split(blob["images"], blob["labels"]), blob["classes"]
+        return _cached(cache, len(files), classes)
 
     def decode(path: Path) -> torch.Tensor:
         try:
@@ -117,6 +120,20 @@ def _decode_tree(root: Path, cache_dir: Path) -> tuple[Split, list[str]]:
     torch.save({"images": split.images, "labels": split.labels, "classes": classes}, tmp)
     tmp.replace(cache)
     return split, classes
+
+
+def _cached(cache: Path, count: int, classes: list[str]) -> tuple[Split, list[str]]:
+    """The decoded images of a tree from its cache file, which must hold what the tree holds."""
+    try:
+        blob = torch.load(cache, weights_only=True)
+        images, labels = blob["images"], blob["labels"]
+        ok = images.shape == (count, 3, 32, 32) and images.dtype == torch.uint8 and labels.shape == (count,)
+        ok = ok and blob["classes"] == classes
+    except Exception:
+        ok = False
+    if not ok:
+        raise DataError(f"the decoded-image cache {cache} is damaged; delete it and the images are decoded again")
+    return Split(images, labels), classes
 
 
 def _imagefolder(arg: str, config: DataConfig) -> tuple[Split, Split | None, list[str]]:

@@ -129,7 +129,7 @@ def campaign(
     optuna_study = search_stage(study, storage, hours, log)
     final = retrain_top(study, optuna_study, out, top, retrain_epochs, out / "final", log)
     try:
-        save_pareto(optuna_study, study, out / "pareto.html", final)
+        save_pareto(optuna_study, study, out / "pareto.html", final, log)
         write_report(study, optuna_study, out / "report", None, out / "final")
     except ModuleNotFoundError as e:  # a bare GPU machine carries no plotly / optuna-dashboard
         log(

@@ -1,5 +1,6 @@
 """The accuracy-vs-score picture of a study, as HTML and stored in the study for optuna-dashboard."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -43,9 +44,16 @@ def final_point(card: dict) -> dict:
     }
 
 
-def save_pareto(study: optuna.Study, config: StudyConfig, out: str | Path, final: dict | None = None) -> Path:
-    """Write the figure to ``out`` and store it in the study (optuna-dashboard shows it).
-    ``final``: the card of the retrained final model, drawn with the trials."""
+def save_pareto(
+    study: optuna.Study,
+    config: StudyConfig,
+    out: str | Path,
+    final: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write the figure to ``out`` and store it in the study (optuna-dashboard shows it; a
+    read-only storage keeps only the file). ``final``: the card of the retrained final model,
+    drawn with the trials."""
     from optuna_dashboard import save_plotly_graph_object
 
     points = trial_points(study)
@@ -58,5 +66,10 @@ def save_pareto(study: optuna.Study, config: StudyConfig, out: str | Path, final
         config.trial_target,
         None if final is None or final.get("val_acc") is None else final_point(final),
     )
-    save_plotly_graph_object(study, fig)
-    return write_html(fig, out)
+    path = write_html(fig, out)
+    try:
+        save_plotly_graph_object(study, fig)
+        log(f"stored the figure in study {study.study_name!r} for optuna-dashboard")
+    except optuna.exceptions.StorageInternalError as e:
+        log(f"the figure is not stored in the study: its storage refused the write ({e.__cause__ or e})")
+    return path

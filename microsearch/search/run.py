@@ -14,13 +14,14 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from microsearch.evaluation.data import load_data
+from microsearch.evaluation.data import CIFAR10_CLASSES, Dataset, load_data
 from microsearch.evaluation.train import TrainingDiverged
 from microsearch.evaluation.views import counts, params_inline, score_terms
+from microsearch.models import create_model
 from microsearch.search import describe
 from microsearch.search.objective import Objective
 from microsearch.search.pruner import TargetPruner, is_feasible
-from microsearch.search.space import check_enqueue, starting_points
+from microsearch.search.space import MODEL, check_enqueue, starting_points
 from microsearch.search.storage import open_storage
 from microsearch.search.study import StudyConfig, StudyError
 from microsearch.search.teacher import ensure_teacher, teacher_record
@@ -157,6 +158,23 @@ def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return None
 
 
+def study_data(study: StudyConfig, log: Callable[[str], None] = print) -> Dataset:
+    """The study's images, checked before anything is stored: the searched networks have ten
+    outputs, and the target and the score's references are CIFAR-10's."""
+    data = load_data(study.data)
+    outputs = create_model(MODEL).fc.out_features
+    if len(data.classes) > outputs:
+        raise StudyError(
+            f"{study.data.source} has {len(data.classes)} classes; the searched networks classify {outputs}"
+        )
+    if study.data.source.startswith("imagefolder") and data.classes != CIFAR10_CLASSES:
+        log(
+            f"warning: {study.data.source} has the classes {data.classes}, not CIFAR-10's "
+            f"{CIFAR10_CLASSES}: the target and the score's references are for CIFAR-10"
+        )
+    return data
+
+
 def run_worker(
     study: StudyConfig,
     storage_url: str | None = None,
@@ -168,7 +186,7 @@ def run_worker(
     """One worker: checks storage and data first, then runs trials. Example:
     ``run_worker(load_study("studies/smoke.toml"), n_trials=4)``."""
     sampler_seed = secrets.randbits(31)
-    data = load_data(study.data)  # a wrong source fails here, before the study is stored
+    data = study_data(study, log)  # a wrong source fails here, before the study is stored
     optuna_study = open_study(study, storage_url, sampler_seed)
     n_trials = n_trials or study.budget.trials
     timeout = timeout or study.budget.timeout

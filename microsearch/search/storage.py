@@ -39,7 +39,13 @@ def open_storage(
             if not create and not path.is_file():
                 raise StorageError(f"storage {url}: no file {path} (a mistyped path? `microsearch search` creates it)")
     if url.startswith("journal:"):
-        return JournalStorage(JournalFileBackend(str(Path(url.removeprefix("journal:")).expanduser())))
+        path = Path(url.removeprefix("journal:")).expanduser()
+        try:  # the storage replays the whole file here: a damaged line fails now, not mid-search
+            return JournalStorage(JournalFileBackend(str(path)))
+        except Exception as e:
+            raise StorageError(
+                f"storage {url}: the journal file {path} cannot be read as an Optuna journal ({_first_line(e)})"
+            ) from None
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}  # seconds to wait for another writer's lock
     else:  # a server that accepts the connection but never answers must not hang the worker
@@ -48,13 +54,14 @@ def open_storage(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                storage = RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=heartbeat,
                     grace_period=grace,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
                 )
+            break
         except (IntegrityError, OperationalError) as e:
             # Workers starting together on a new database race to create its tables (one of them
             # meets "UNIQUE constraint failed: alembic_version"): the schema is there on a retry.
@@ -64,6 +71,23 @@ def open_storage(
             raise StorageError(f"cannot open storage {_hide_password(url)}: {_first_line(e)}") from None
         except Exception as e:  # unreachable server, bad URL, missing driver: one line, no traceback
             raise StorageError(f"cannot open storage {_hide_password(url)}: {_first_line(e)}") from None
+    if create and url.startswith("sqlite"):
+        _check_writable(storage, url)
+    return storage
+
+
+def _check_writable(storage: RDBStorage, url: str) -> None:
+    """Fail now, not at the first trial's write, on a read-only or immutable SQLite file: rewrite
+    the header's user_version with its own value (a write that changes nothing)."""
+    try:
+        with storage.engine.begin() as connection:
+            version = int(connection.exec_driver_sql("PRAGMA user_version").scalar())
+            connection.exec_driver_sql(f"PRAGMA user_version = {version}")
+    except OperationalError as e:
+        raise StorageError(
+            f"storage {url} cannot be written ({_first_line(e.orig)}): searching needs write access; "
+            "report and dashboard only read"
+        ) from None
 
 
 def _first_line(e: Exception) -> str:

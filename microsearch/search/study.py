@@ -318,6 +318,8 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
         raise StudyError(f"no study file at {path}")
     try:
         tables = tomllib.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise StudyError(f"{path}: not a study file (binary, not TOML text)") from None
     except tomllib.TOMLDecodeError as e:
         raise StudyError(f"{path}: not valid TOML: {e}") from None
     for assignment in overrides:

@@ -5,8 +5,7 @@ import signal
 import subprocess
 import sys
 
-from microsearch.evaluation.data import load_data
-from microsearch.search.run import open_study
+from microsearch.search.run import open_study, study_data
 from microsearch.search.study import StudyConfig
 
 
@@ -26,7 +25,7 @@ def launch(
     """
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    load_data(study.data)  # a wrong source fails here, before the study is stored (then cached)
+    study_data(study)  # a wrong source fails here, before the study is stored (then cached)
     open_study(study, storage)
     procs = []
     for i in range(workers):

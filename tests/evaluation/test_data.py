@@ -128,3 +128,20 @@ def test_cifar10_download_failure_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(DataError, match=r"cannot get CIFAR-10 into .*cifar10: <urlopen error"):
         load_data(DataConfig("cifar10", cache_dir=str(tmp_path)))
+
+
+def test_a_damaged_decode_cache_is_named_and_can_be_deleted(tmp_path):
+    _tree(tmp_path / "imgs")
+    config = DataConfig(f"imagefolder:{tmp_path / 'imgs'}", val_size=1, cache_dir=str(tmp_path / "c"))
+    first = load_data(config)
+    (cache,) = (tmp_path / "c").glob("imagefolder-*.pt")
+    for damaged in (cache.read_bytes()[:100], b""):  # cut short, then empty
+        cache.write_bytes(damaged)
+        with pytest.raises(DataError, match=f"the decoded-image cache {cache} is damaged; delete it"):
+            load_data(config)
+    blob = {"images": torch.zeros(5, 3, 32, 32, dtype=torch.uint8), "labels": torch.zeros(5), "classes": ["cat"]}
+    torch.save(blob, cache)  # a readable file that does not hold this tree's 6 images
+    with pytest.raises(DataError, match="is damaged"):
+        load_data(config)
+    cache.unlink()
+    assert torch.equal(load_data(config).train.images, first.train.images)  # decoded again

@@ -1,3 +1,7 @@
+import os
+import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -155,3 +159,93 @@ def test_a_server_that_never_answers_fails_with_one_line_instead_of_hanging(tiny
     assert time.monotonic() - started < 30
     err = capsys.readouterr().err
     assert f"cannot open storage {url}" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def read_only():
+    """Makes files unwritable, for root too (who ignores mode bits): immutable where it can."""
+    locked = []
+
+    def lock(path: Path) -> None:
+        path.chmod(0o444)
+        if os.access(path, os.W_OK):
+            if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+                pytest.skip("this user can write any file and cannot make one immutable (chattr)")
+            locked.append(path)
+
+    yield lock
+    for path in locked:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_read_only_database_is_read_by_report_and_refused_by_search_in_one_line(
+    searched, tmp_path, read_only, capsys
+):
+    path, study = searched
+    db = tmp_path / "ro.db"
+    shutil.copy(study.storage_url.removeprefix("sqlite:///"), db)
+    read_only(db)
+    url = f"sqlite:///{db}"
+    assert main(["report", str(path), "--storage", url, "--out", str(tmp_path / "r")]) == 0
+    assert main(["pareto", str(path), "--storage", url, "--out", str(tmp_path / "p.html")]) == 0
+    err = capsys.readouterr().err
+    assert "the figure is not stored in the study: its storage refused the write" in err and "Traceback" not in err
+    assert (tmp_path / "r" / "report.md").is_file() and (tmp_path / "p.html").is_file()
+    assert main(["search", str(path), "--storage", url, "--n-trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"storage {url} cannot be written (attempt to write a readonly database)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_damaged_journal_file_fails_in_one_line_naming_it(searched, tmp_path, capsys):
+    path, _ = searched
+    journal = tmp_path / "j.log"
+    journal.write_text('garbage\n{"op_code": 1}\n')
+    for command in (["report", "--out", str(tmp_path / "r")], ["search", "--n-trials", "1"]):
+        assert main([command[0], str(path), "--storage", f"journal:{journal}", *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert f"the journal file {journal} cannot be read as an Optuna journal" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_the_dashboard_refuses_an_impossible_or_busy_port_in_one_line(searched, capsys):
+    path, _ = searched
+    assert main(["dashboard", str(path), "--port", "99999"]) == 2
+    assert "--port must be 1-65535, got 99999" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["dashboard", str(path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in err and len(err.splitlines()) == 1
+
+
+def test_a_binary_study_file_is_named(tmp_path, capsys):
+    binary = tmp_path / "model.toml"
+    binary.write_bytes(b"PK\x03\x04\xf0\xff\x00garbage")
+    assert main(["search", str(binary)]) == 2
+    assert f"{binary}: not a study file (binary, not TOML text)" in capsys.readouterr().err
+
+
+def test_image_classes_are_checked_against_the_networks_and_cifar10(tiny_study, tmp_path):
+    from PIL import Image
+
+    from microsearch.search.run import study_data
+
+    def tree(classes: int) -> str:
+        root = tmp_path / f"c{classes}"
+        for c in range(classes):
+            (root / f"k{c}").mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (32, 32), (20 * c + i,) * 3).save(root / f"k{c}" / f"{i}.png")
+        return f"data.source='imagefolder:{root}'"
+
+    path, logged = tiny_study(), []
+    with pytest.raises(StudyError, match="has 11 classes; the searched networks classify 10"):
+        study_data(load_study(path, [tree(11), "data.val_size=2"]), logged.append)
+    data = study_data(load_study(path, [tree(2), "data.val_size=2"]), logged.append)
+    assert data.classes == ["k0", "k1"] and len(logged) == 1
+    assert "has the classes ['k0', 'k1'], not CIFAR-10's ['airplane'" in logged[0]
+    study_data(load_study(path), logged.append)  # synthetic data: no warning
+    assert len(logged) == 1
