@@ -23,6 +23,7 @@ from microsearch.evaluation.plots import export_html, sweep_figure, write_html
 from microsearch.evaluation.sweep import (
     METHODS,
     SweepContext,
+    check_merge,
     check_ratios,
     finetune_config,
     li_sensitivity,
@@ -237,8 +238,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     data = load_data(data_config)
     if trained_on.get("source", args.data) != args.data:
         _log(f"warning: the model was trained on {trained_on['source']}, sweeping on {args.data}")
-    ctx = SweepContext(data, finetune, device, tta=meta.get("passes", 1) == 2, precision=args.precision)
+    tta = meta.get("passes", 1) == 2
+    ctx = SweepContext(data, finetune, device, tta, args.precision, rule=meta.get("rule", "lab4"))
     out = Path(args.out)
+    check_merge(out, ctx.rule)
     if args.sensitivity:
         ctx.sensitive = li_sensitivity(args.checkpoint, ratios, ctx)
         out.mkdir(parents=True, exist_ok=True)

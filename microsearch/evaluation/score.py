@@ -98,7 +98,12 @@ class Score:
 
 
 def _dtype_bits(t: torch.Tensor) -> int:
-    return 16 if t.dtype in (torch.float16, torch.bfloat16) else 32
+    return {torch.float16: 16, torch.bfloat16: 16, torch.float64: 64}.get(t.dtype, 32)
+
+
+def _bits(quantized: int, t: torch.Tensor) -> int:
+    """Bits of ``t`` under a quantizer of ``quantized`` bits (32: none, the dtype decides)."""
+    return _dtype_bits(t) if quantized >= 32 else min(quantized, _dtype_bits(t))
 
 
 def _ops(module: nn.Module, out: torch.Tensor) -> tuple[int, int]:
@@ -113,25 +118,29 @@ def _ops(module: nn.Module, out: torch.Tensor) -> tuple[int, int]:
     return 0, 3 * n  # BatchNorm: 3 ops per element, counted at full cost by the reference profiler
 
 
-def _layer_cost(name: str, module: nn.Module, inp: torch.Tensor, out: torch.Tensor, rule: Rule) -> LayerCost:
+def _layer_cost(name: str, module: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], rule: Rule) -> LayerCost:
+    """One layer's cost: its stored parameters once, the operations of every call (none if it never ran)."""
     weight, bias = module.weight, module.bias
     is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
     w_bits = a_bits = b_bits = 32
     if isinstance(module, QUANT_LAYERS):
         w_bits, a_bits, b_bits = module.bits.weight, module.bits.act, module.bits.bias
-    w_bits = min(w_bits, _dtype_bits(weight))
-    a_bits = min(a_bits, _dtype_bits(inp))
+    w_bits = _bits(w_bits, weight)
+    a_bits = max((_bits(a_bits, inp) for inp, _ in calls), default=_bits(a_bits, weight))
     if is_norm:
-        w_bits = a_bits = b_bits = min(w_bits, b_bits)  # norm weight and bias share the bias bits
+        w_bits = a_bits = b_bits = min(w_bits, _bits(b_bits, weight))  # norm weight and bias share the bias bits
     # Pruning zeroes conv and linear weights; biases and norm parameters are stored densely
     # (a fresh BatchNorm bias is exactly zero and still occupies memory).
     w_nonzero = weight.numel() if is_norm else int(torch.count_nonzero(weight))
     b_count = 0 if bias is None else bias.numel()
     if bias is not None:
-        b_bits = min(b_bits, _dtype_bits(bias))
+        b_bits = _bits(b_bits, bias)
     # Learned quantizer step sizes are stored with the model, one float32 each.
     scales = module.stored_scales if isinstance(module, QUANT_LAYERS) else 0
-    mults, adds = _ops(module, out)
+    mults = adds = 0
+    for _, out in calls:
+        m, a = _ops(module, out)
+        mults, adds = mults + m, adds + a
     ratio = max(w_bits, a_bits) / 32
     ops_32bit = (mults + adds) * ratio if rule.scale_adds else mults * ratio + adds
     return LayerCost(
@@ -149,6 +158,24 @@ def _layer_cost(name: str, module: nn.Module, inp: torch.Tensor, out: torch.Tens
     )
 
 
+# Buffers a layer may hold that carry no weights: norm statistics, pruning masks, quantizer state.
+_STATE_BUFFERS = ("running_mean", "running_var", "num_batches_tracked", "weight_mask", "bias_mask")
+
+
+def _auditable(model: nn.Module, costed: dict[str, nn.Module]) -> None:
+    """Refuse what the audit could not cost: parameters outside conv / linear / norm layers, and
+    floating-point buffers that are not norm statistics or masks (weights applied functionally)."""
+    owned = {id(p) for m in costed.values() for p in m.parameters()}  # incl. quantizer scales
+    stray = [n for n, p in model.named_parameters() if id(p) not in owned]
+    if stray:
+        raise ValueError(f"parameters outside conv/linear/norm layers cannot be scored: {stray}")
+    hidden = [
+        n for n, b in model.named_buffers() if b.is_floating_point() and n.rpartition(".")[2] not in _STATE_BUFFERS
+    ]
+    if hidden:
+        raise ValueError(f"floating-point buffers cannot be scored (weights kept outside parameters?): {hidden}")
+
+
 @torch.no_grad()
 def audit(
     model: nn.Module,
@@ -158,24 +185,29 @@ def audit(
 ) -> Score:
     """Score ``model`` layer by layer, e.g. ``audit(create_model("resnet18")).score``.
 
-    Runs one forward pass of a copy (quantizers that calibrate on first use stay untouched).
-    Every parameter must belong to a conv, linear or norm layer, or the audit refuses.
+    Runs one forward pass of a copy (quantizers that calibrate on first use stay untouched) and
+    counts the operations of every call of every layer; a layer that never runs still stores its
+    parameters. Pruning masks may be attached (masked weights count as zeros). Every parameter
+    must belong to a conv, linear or norm layer, or the audit refuses, naming it.
     """
     if rule not in RULES:
         raise ValueError(f"unknown score rule {rule!r}; choose from {', '.join(RULES)}")
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    model = copy.deepcopy(model).eval()
+    # A pruned layer's ``weight`` is computed (weight_orig * weight_mask) and cannot be deep-copied;
+    # the copy leaves it out and gets it back from its own tensors.
+    masked = [m for m in model.modules() if hasattr(m, "weight_mask")]
+    model = copy.deepcopy(model, memo={id(m.weight): None for m in masked}).eval()
+    for m in model.modules():
+        if hasattr(m, "weight_mask"):
+            m.weight = m.weight_orig * m.weight_mask
     costed = {n: m for n, m in model.named_modules() if isinstance(m, _COSTED)}
-    owned = {id(p) for m in costed.values() for p in m.parameters()}  # incl. quantizer scales
-    stray = [n for n, p in model.named_parameters() if id(p) not in owned]
-    if stray:
-        raise ValueError(f"parameters outside conv/linear/norm layers cannot be scored: {stray}")
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    _auditable(model, costed)
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in costed}
 
     def record(name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            seen[name] = (inputs[0], output)
+            calls[name].append((inputs[0], output))
 
         return hook
 
@@ -185,4 +217,4 @@ def audit(
     for h in hooks:
         h.remove()
     r = RULES[rule]
-    return Score(rule, passes, [_layer_cost(n, m, *seen[n], r) for n, m in costed.items() if n in seen])
+    return Score(rule, passes, [_layer_cost(n, m, calls[n], r) for n, m in costed.items()])

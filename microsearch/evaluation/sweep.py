@@ -46,6 +46,7 @@ class SweepContext:
     device: torch.device
     tta: bool
     precision: str = "auto"  # of evaluation (retraining uses the finetune config's)
+    rule: str = "lab4"  # the score rule (the one the model file was scored with)
     sensitive: dict[str, dict[float, float]] | None = None  # Li et al.'s analysis, if run
 
     def retrain(self, model: nn.Module) -> None:
@@ -144,9 +145,10 @@ def run_sweep(
         model = METHODS[method](model, ratio, ctx)
         make_permanent_(model)
         result = evaluate(model, ctx.data.val, ctx.device, ctx.tta, ctx.precision)
-        score = audit(model, passes=result.passes)
+        score = audit(model, rule=ctx.rule, passes=result.passes)
         row = {
             "method": method,
+            "rule": score.rule,
             "ratio": ratio,
             "val_acc": result.accuracy,
             "score": score.score,
@@ -173,6 +175,14 @@ def li_sensitivity(model_path: str | Path, ratios: list[float], ctx: SweepContex
     return sensitivity(model, lambda m: evaluate(m, ctx.data.val, ctx.device, ctx.tta, ctx.precision).accuracy, ratios)
 
 
+def check_merge(out: str | Path, rule: str) -> None:
+    """Refuse (before a sweep runs) to add scores of ``rule`` to a folder whose rows another rule scored."""
+    path = Path(out) / "sweep.json"
+    rules = {r.get("rule", "lab4") for r in json.loads(path.read_text())} if path.exists() else set()
+    if rules - {rule}:
+        raise ValueError(f"{path} holds {sorted(rules)} scores, this sweep scores with {rule}: use another --out")
+
+
 def save_rows(out: str | Path, rows: list[dict]) -> list[dict]:
     """Merge ``rows`` into ``out/sweep.json`` (replacing the same method's rows), write the CSV."""
     out = Path(out)
@@ -180,10 +190,13 @@ def save_rows(out: str | Path, rows: list[dict]) -> list[dict]:
     path = out / "sweep.json"
     old = json.loads(path.read_text()) if path.exists() else []
     methods = {r["method"] for r in rows}
-    merged = [r for r in old if r["method"] not in methods] + rows
+    kept = [r for r in old if r["method"] not in methods]
+    for rule in {r.get("rule", "lab4") for r in rows}:
+        check_merge(out, rule)
+    merged = kept + rows
     path.write_text(json.dumps(merged, indent=2) + "\n")
     with open(out / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(merged[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in merged for k in r)))
         writer.writeheader()
         writer.writerows(merged)
     return merged

@@ -137,3 +137,58 @@ def test_the_committed_score_map_is_what_the_audit_computes_today():
     script = Path(__file__).parents[2] / "benchmarks" / "frontier.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+class Reused(Tiny):
+    """Tiny with its conv applied twice (a 2->2 conv shares the weights) and a layer that never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.again = nn.Conv2d(2, 2, 1, bias=False)
+        self.unused = nn.Linear(2, 5)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.fc(self.again(self.again(y)).mean((2, 3)))
+
+
+def test_every_call_of_a_layer_is_counted_and_layers_that_never_run_keep_their_parameters():
+    s = audit(Reused(), input_shape=SHAPE)
+    again = next(layer for layer in s.layers if layer.name == "again")
+    assert (again.params, again.mult_ops, again.add_ops) == (4, 2 * 32 * 2, 2 * 32 * 1)  # two calls of 32 outputs
+    unused = next(layer for layer in s.layers if layer.name == "unused")
+    assert (unused.params, unused.mult_ops, unused.add_ops) == (15, 0, 0)
+    assert s.params == PARAMS + 4 + 15
+    assert s.ops == CONV_MULTS + CONV_ADDS + BN_OPS + FC_MULTS + FC_ADDS + 2 * 32 * 3
+
+
+def test_weights_kept_in_buffers_are_refused_by_name():
+    class Functional(Tiny):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("hidden", torch.ones(2, 2))
+
+        def forward(self, x):
+            return super().forward(x) @ torch.ones(3, 2) @ self.hidden
+
+    with pytest.raises(ValueError, match=r"floating-point buffers cannot be scored .*\['hidden'\]"):
+        audit(Functional(), input_shape=SHAPE)
+
+
+def test_a_float64_model_counts_64_bits():
+    single, double = audit(Tiny(), input_shape=SHAPE), audit(Tiny().double(), input_shape=SHAPE)
+    assert {(layer.weight_bits, layer.act_bits) for layer in double.layers} == {(64, 64)}
+    assert double.param_term == pytest.approx(2 * single.param_term)
+    assert double.ops_term == pytest.approx(2 * single.ops_term)
+
+
+def test_attached_pruning_masks_count_masked_weights_as_zeros():
+    from torch.nn.utils import prune
+
+    model = Tiny()
+    prune.l1_unstructured(model.conv, "weight", amount=0.5)
+    masked = audit(model, input_shape=SHAPE)
+    assert next(layer for layer in masked.layers if layer.name == "conv").nonzero == 27  # 54 weights, half zeroed
+    assert hasattr(model.conv, "weight_mask")  # the model is left as it was
+    prune.remove(model.conv, "weight")
+    assert audit(model, input_shape=SHAPE).to_dict() == masked.to_dict()

@@ -8,6 +8,7 @@ import torch
 from microsearch.checkpoint import load_model, save_model
 from microsearch.cli import main
 from microsearch.evaluation.data import DataConfig, load_data
+from microsearch.evaluation.score import audit
 from microsearch.evaluation.sweep import SweepContext, finetune_config, run_sweep, save_rows
 from microsearch.evaluation.train import TrainConfig, evaluate
 from microsearch.models import create_model
@@ -97,3 +98,22 @@ def test_sweep_command_writes_csv_json_and_plot(model_file, tmp_path, capsys):
     assert "--ratios must be comma-separated numbers" in capsys.readouterr().err
     assert main([*argv, "--method", "global", "--ratios", "1.2"]) == 2
     assert "ratio 1.2 must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_the_sweep_scores_with_the_rule_of_the_model_file_and_never_mixes_rules(model_file, tmp_path, capsys):
+    blob = torch.load(model_file, weights_only=True)
+    blob["meta"]["rule"] = "micronet"
+    torch.save(blob, tmp_path / "micronet.pt")
+    out = tmp_path / "out"
+    args = ["sweep", str(tmp_path / "micronet.pt"), "--data", DATA.source, "--method", "global"]
+    assert main([*args, "--ratios", "0.5", "--out", str(out), "--finetune-epochs", "0"]) == 0
+    (row,) = json.loads((out / "sweep.json").read_text())
+    model, _ = load_model(model_file)
+    assert row["rule"] == "micronet"
+    assert row["params"] == audit(model, "micronet").params
+    # zeroed weights leave the operations as they were: the ops term is micronet's, not lab4's
+    assert row["ops_term"] == pytest.approx(audit(model, "micronet").ops_term)
+    assert row["ops_term"] != pytest.approx(audit(model, "lab4").ops_term, rel=1e-3)
+    save_rows(tmp_path / "lab4", [{"method": "random", "ratio": 0.1, "rule": "lab4", "score": 1.0}])
+    assert main([*args, "--ratios", "0.5", "--out", str(tmp_path / "lab4"), "--finetune-epochs", "0"]) == 2
+    assert "holds ['lab4'] scores, this sweep scores with micronet: use another --out" in capsys.readouterr().err
