@@ -4,6 +4,8 @@ Methods that retrain between steps take the retraining as a ``finetune(model)`` 
 """
 
 from microsearch.compression._filters import (
+    FILTER_PRUNERS,
+    FilterContext,
     channel_contributions,
     filter_l1,
     filter_stages,
@@ -18,6 +20,7 @@ from microsearch.compression._prune import (
     L1,
     Criterion,
     RandomCriterion,
+    check_ratio,
     han_prune_,
     make_permanent_,
     prunable_layers,
@@ -26,7 +29,9 @@ from microsearch.compression._prune import (
     sparsity,
 )
 from microsearch.compression._quant import (
+    ACT_BITS,
     QUANT_LAYERS,
+    WEIGHT_BITS,
     LayerBits,
     QuantBatchNorm2d,
     QuantConfig,
@@ -47,9 +52,13 @@ from microsearch.compression._quant import (
 )
 
 __all__ = [
+    "ACT_BITS",
+    "FILTER_PRUNERS",
     "L1",
     "QUANT_LAYERS",
+    "WEIGHT_BITS",
     "Criterion",
+    "FilterContext",
     "LayerBits",
     "QuantBatchNorm2d",
     "QuantConfig",
@@ -61,6 +70,7 @@ __all__ = [
     "calibrate_",
     "calibrated",
     "channel_contributions",
+    "check_ratio",
     "clamp_binary_weights_",
     "compute_layers",
     "current_plan",

@@ -11,11 +11,13 @@ the shortcut additions stay consistent.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microsearch.compression._prune import check_ratio
 from microsearch.compression._quant import apply_quant_plan_, current_plan
 from microsearch.models import create_model, model_spec
 
@@ -29,8 +31,6 @@ def _blocks(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _n_keep(n: int, ratio: float) -> int:
-    if not 0 <= ratio < 1:
-        raise ValueError(f"filter pruning ratio must be in [0, 1), got {ratio}")
     return max(1, n - round(ratio * n))
 
 
@@ -124,8 +124,8 @@ def _block_ratios(model: nn.Module, ratio: float | dict[str, float]) -> dict[str
     unknown = sorted(set(ratios) - set(blocks))
     if unknown:
         raise ValueError(f"no prunable block named {unknown}; blocks: {list(blocks)}")
-    for r in ratios.values():
-        _n_keep(1, r)
+    for name, r in ratios.items():
+        check_ratio(name, r)
     return ratios
 
 
@@ -238,3 +238,29 @@ def thinet_prune(
         return keep
 
     return _gradual(model, ratios, choose, finetune)
+
+
+@dataclass
+class FilterContext:
+    """What a filter pruner may use besides the model and its ratios."""
+
+    images: Callable[[], torch.Tensor] | None = None  # normalised sample images, drawn when needed
+    finetune: Callable[[nn.Module], None] | None = None  # retraining after each stage
+    sensitive: dict[str, dict[float, float]] | None = None  # Li et al.'s analysis, if run
+
+
+def _li(model: nn.Module, ratio: float | dict[str, float], ctx: FilterContext) -> nn.Module:
+    return li_prune(model, ratio, ctx.finetune, ctx.sensitive)
+
+
+def _thinet(model: nn.Module, ratio: float | dict[str, float], ctx: FilterContext) -> nn.Module:
+    if ctx.images is None:
+        raise ValueError("ThiNet needs sample images to reconstruct the next layer's outputs")
+    return thinet_prune(model, ratio, ctx.images(), ctx.finetune)
+
+
+# The filter pruning methods, for the search ([compression] structured) and for sweeps.
+FILTER_PRUNERS: dict[str, Callable[[nn.Module, float | dict[str, float], FilterContext], nn.Module]] = {
+    "li": _li,
+    "thinet": _thinet,
+}

@@ -45,7 +45,8 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def _check_ratio(name: str, ratio: float) -> None:
+def check_ratio(name: str, ratio: float) -> None:
+    """Every pruning method's ratios: the fraction removed, in [0, 1)."""
     if not 0 <= ratio < 1:
         raise ValueError(f"pruning ratio for {name} must be in [0, 1), got {ratio}")
 
@@ -83,7 +84,7 @@ def prune_global_(model: nn.Module, ratio: float, criterion: Criterion | None = 
 
     Example: ``prune_global_(model, 0.8)`` (global magnitude pruning).
     """
-    _check_ratio("the model", ratio)
+    check_ratio("the model", ratio)
     criterion = criterion or L1()
     modules = list(prunable_layers(model).values())
     scores = torch.cat([_scores(m, criterion).flatten() for m in modules])
@@ -100,7 +101,7 @@ def prune_layers_(model: nn.Module, ratios: float | dict[str, float], criterion:
     if unknown:
         raise ValueError(f"no prunable layer named {unknown}; layers: {list(layers)}")
     for name, ratio in ratios.items():
-        _check_ratio(name, ratio)
+        check_ratio(name, ratio)
         _apply_keep([layers[name]], _keep_top(_scores(layers[name], criterion).flatten(), ratio))
 
 
@@ -130,7 +131,7 @@ def han_prune_(
     The ratio rises in ``steps`` equal steps; ``finetune(model)`` retrains after each. Masks stay
     on (call ``make_permanent_`` when done). Returns the ratios applied.
     """
-    _check_ratio("the model", ratio)
+    check_ratio("the model", ratio)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     schedule = [ratio * (k + 1) / steps for k in range(steps)]

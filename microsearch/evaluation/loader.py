@@ -117,3 +117,8 @@ class DeviceLoader:
                 x = cutout(x, self.cutout, self.gen)
             yield x.contiguous(memory_format=torch.channels_last), self.labels[idx]
         self.epoch += 1
+
+
+def sample_images(split: Split, device: torch.device, n: int = 256) -> torch.Tensor:
+    """The first ``n`` images of ``split``, normalised, unaugmented (e.g. ThiNet's activations)."""
+    return next(iter(DeviceLoader(split, n, device)))[0]

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,20 +20,21 @@ from torch import nn
 
 from microsearch.checkpoint import load_model
 from microsearch.compression import (
+    FILTER_PRUNERS,
     L1,
+    FilterContext,
     RandomCriterion,
+    check_ratio,
     filter_stages,
     han_prune_,
-    li_prune,
     make_permanent_,
     prune_global_,
     prune_layers_,
     sensitivity,
     sparsity,
-    thinet_prune,
 )
 from microsearch.evaluation.data import Dataset
-from microsearch.evaluation.loader import DeviceLoader
+from microsearch.evaluation.loader import sample_images
 from microsearch.evaluation.score import audit
 from microsearch.evaluation.train import TrainConfig, evaluate, train
 
@@ -69,10 +71,6 @@ class SweepContext:
 
         return retrain
 
-    def sample_images(self, n: int = 256) -> torch.Tensor:
-        """A batch of normalised training images (no augmentation) for ThiNet's activations."""
-        return next(iter(DeviceLoader(self.data.train, n, self.device)))[0]
-
 
 HAN_STEPS = 3
 Method = Callable[[nn.Module, float, SweepContext], nn.Module]
@@ -99,14 +97,15 @@ def _han(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
     return model
 
 
-def _li(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
-    """Stage by stage; the retrains after the stages share the fine-tuning budget."""
-    retrain = ctx.shared_retrain(len(filter_stages(model)))
-    return li_prune(model, ratio, retrain, sensitive=ctx.sensitive)
+def _filters(name: str) -> Method:
+    """A filter pruner of the search's registry; its stage retrains share the fine-tuning budget."""
 
+    def run(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
+        retrain = ctx.shared_retrain(len(filter_stages(model)))
+        images = partial(sample_images, ctx.data.train, ctx.device)
+        return FILTER_PRUNERS[name](model, ratio, FilterContext(images, retrain, ctx.sensitive))
 
-def _thinet(model: nn.Module, ratio: float, ctx: SweepContext) -> nn.Module:
-    return thinet_prune(model, ratio, ctx.sample_images(), ctx.shared_retrain(len(filter_stages(model))))
+    return run
 
 
 METHODS: dict[str, Method] = {
@@ -114,8 +113,7 @@ METHODS: dict[str, Method] = {
     "global": _unstructured(L1),
     "layer": _layer,
     "han": _han,
-    "li": _li,
-    "thinet": _thinet,
+    **{name: _filters(name) for name in FILTER_PRUNERS},
 }
 
 
@@ -123,8 +121,7 @@ def check_ratios(ratios: list[float]) -> None:
     if not ratios:
         raise ValueError("no ratios given")
     for r in ratios:
-        if not 0 <= r < 1:
-            raise ValueError(f"ratio {r} must be in [0, 1)")
+        check_ratio("the sweep", r)
 
 
 def run_sweep(

@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -18,10 +19,10 @@ from torch import nn
 
 from microsearch import code_version
 from microsearch.checkpoint import save_model
-from microsearch.compression import li_prune, make_permanent_, prune_layers_, quantize_, thinet_prune
+from microsearch.compression import FILTER_PRUNERS, FilterContext, make_permanent_, prune_layers_, quantize_
 from microsearch.evaluation import Score, audit
 from microsearch.evaluation.data import Dataset
-from microsearch.evaluation.loader import DeviceLoader
+from microsearch.evaluation.loader import sample_images
 from microsearch.evaluation.train import (
     EpochStats,
     device_name,
@@ -36,21 +37,6 @@ from microsearch.evaluation.views import params_markdown, score_markdown
 from microsearch.models import create_model
 from microsearch.search.space import MODEL, TrialPlan, suggest
 from microsearch.search.study import StudyConfig
-
-
-def _li(model: nn.Module, filters: dict[str, float], data: Dataset, device: torch.device) -> nn.Module:
-    return li_prune(model, filters)
-
-
-def _thinet(model: nn.Module, filters: dict[str, float], data: Dataset, device: torch.device) -> nn.Module:
-    images = next(iter(DeviceLoader(data.train, 256, device)))[0]  # activations to reconstruct
-    return thinet_prune(model, filters, images)
-
-
-FILTER_PRUNERS: dict[str, Callable[[nn.Module, dict[str, float], Dataset, torch.device], nn.Module]] = {
-    "li": _li,
-    "thinet": _thinet,
-}
 
 EpochHook = Callable[[EpochStats], None] | None
 
@@ -97,7 +83,8 @@ def train_and_compress(
     checkpoint = checkpoints and checkpoints / "train.pt"
     train(model, data, config, on_epoch, print_progress, checkpoint, teacher)
     if any(plan.filters.values()):
-        model = FILTER_PRUNERS[study.compression.structured](model, plan.filters, data, device)
+        images = partial(sample_images, data.train, device)  # ThiNet's activations
+        model = FILTER_PRUNERS[study.compression.structured](model, plan.filters, FilterContext(images))
     if plan.sparsity:
         prune_layers_(model, plan.sparsity)
     budget = study.budget

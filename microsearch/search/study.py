@@ -9,13 +9,14 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from microsearch.compression import ACT_BITS, FILTER_PRUNERS, WEIGHT_BITS
 from microsearch.evaluation.data import DataConfig
 from microsearch.evaluation.score import RULES
 from microsearch.evaluation.train import COMPILE, PRECISIONS, RECIPES, resolve_device, resolve_precision
 from microsearch.models import BLOCKS, STEMS, create_model
 
 GRANULARITIES = ("stage", "block")
-STRUCTURED = ("li", "thinet", "none")
+STRUCTURED = (*FILTER_PRUNERS, "none")
 UNSTRUCTURED = ("layer", "none")
 
 
@@ -57,8 +58,8 @@ class SpaceConfig:
         _range("depth", self.depth, 1, 32)
         _range("structured", self.structured, 0, 0.95)
         _range("unstructured", self.unstructured, 0, 0.99)
-        _range("weight_bits", self.weight_bits, 1, 8)
-        _range("act_bits", self.act_bits, 2, 8)
+        _range("weight_bits", self.weight_bits, min(WEIGHT_BITS), 8)  # the integer quantizers
+        _range("act_bits", self.act_bits, min(ACT_BITS), 8)
         _range("lr", self.lr, 1e-5, 10)
         _range("weight_decay", self.weight_decay, 1e-7, 0.1)
         _range("cutout", self.cutout, 0, 32)
@@ -76,8 +77,8 @@ class SpaceConfig:
         bad = [s for s in self.stems if s not in STEMS]
         if bad or not self.stems:
             raise ValueError(f"stems must be a non-empty list of {sorted(STEMS)}, got {list(self.stems)}")
-        if self.first_last_bits not in (2, 3, 4, 5, 6, 7, 8, 16, 32):
-            raise ValueError(f"first_last_bits must be 2-8, 16 or 32, got {self.first_last_bits}")
+        if self.first_last_bits not in ACT_BITS:
+            raise ValueError(f"first_last_bits must be one of {ACT_BITS}, got {self.first_last_bits}")
 
 
 @dataclass

@@ -97,7 +97,7 @@ def test_sweep_command_writes_csv_json_and_plot(model_file, tmp_path, capsys):
     assert main([*argv, "--method", "global", "--ratios", "0.2,x"]) == 2
     assert "--ratios must be comma-separated numbers" in capsys.readouterr().err
     assert main([*argv, "--method", "global", "--ratios", "1.2"]) == 2
-    assert "ratio 1.2 must be in [0, 1)" in capsys.readouterr().err
+    assert "pruning ratio for the sweep must be in [0, 1), got 1.2" in capsys.readouterr().err
 
 
 def test_the_sweep_scores_with_the_rule_of_the_model_file_and_never_mixes_rules(model_file, tmp_path, capsys):
