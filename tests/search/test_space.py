@@ -2,8 +2,10 @@ import optuna
 import pytest
 
 from microsearch.compression import compute_layers
+from microsearch.evaluation.data import load_data
 from microsearch.models import create_model
 from microsearch.search import load_study, starting_points, suggest
+from microsearch.search.objective import train_and_compress
 from microsearch.search.space import MODEL
 
 
@@ -98,3 +100,12 @@ def test_the_record_space_samples_stems_blocks_stage_widths_and_distillation(tin
 def test_without_a_teacher_trials_do_not_distil(tiny_study):
     trial, plan = _sample(load_study(tiny_study()))
     assert plan.train.distill == 0.0 and "distill" not in trial.params
+
+
+@pytest.mark.parametrize("method", ["li", "thinet"])
+def test_the_searchs_filter_pruners_remove_the_planned_filters(tiny_study, method):
+    study = load_study(tiny_study(), [f"compression.structured='{method}'", "space.structured=[0.0, 0.5]"])
+    point = {**starting_points(study)[0], "s0_filters": 0.5, "s1_filters": 0.25}
+    plan = suggest(optuna.trial.FixedTrial(point), study)
+    model = train_and_compress(plan, study, load_data(study.data))
+    assert model.config.mid_channels == (2, 6)  # stage widths 4 and 8: half and a quarter removed
