@@ -137,6 +137,7 @@ def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path, signum):
     launcher.send_signal(signum)  # the launcher alone (what a scheduler signals): it must pass it on
     assert launcher.wait(timeout=60) == 130, launcher.stderr.read()
     stderr = launcher.stderr.read()
+    assert "Traceback" not in stderr and "Warning" not in stderr, stderr  # one line per worker
     with pytest.raises(ProcessLookupError):  # no worker left in the launcher's process group
         os.killpg(launcher.pid, 0)
     trials = optuna.load_study(study_name=study.name, storage=storage).get_trials()
