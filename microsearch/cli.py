@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 
 from microsearch import __version__
 from microsearch.checkpoint import load_model, save_model
-from microsearch.compression import QuantConfig, quantize_
+from microsearch.compression import QuantConfig, current_plan, quantize_
 from microsearch.evaluation import RULES, audit
 from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.plots import export_html, sweep_figure, write_html
@@ -46,7 +46,7 @@ from microsearch.evaluation.train import (
     train,
 )
 from microsearch.evaluation.views import score_text
-from microsearch.models import create_model, list_models
+from microsearch.models import create_model, list_models, same_layers
 
 
 def _parse_kv(pairs: list[str], what: str) -> dict[str, Any]:
@@ -117,6 +117,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--set distill needs --teacher MODEL.pt")
     torch.manual_seed(args.seed)
     model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
+    if args.init:
+        start, _ = load_model(args.init)
+        if current_plan(start) or not same_layers(model, start):
+            raise ValueError(f"--init {args.init} is not a float model with the layers of this --model and --model-arg")
+        model.load_state_dict(start.state_dict())
+        train_config = replace(train_config, float_warmup=False)  # trained weights: quantized from epoch 1
     if args.weight_bits or args.act_bits:
         quantize_(model, _quant_config(args))
     started = time.perf_counter()
@@ -159,6 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train": asdict(train_config),
         "history": [asdict(h) for h in history],
         "teacher": None if teacher is None else {"file": args.teacher, "val_acc": teacher_meta.get("val_acc")},
+        "init": args.init,  # the float model whose weights it started from, if any
         "version": __version__,
         "command": " ".join(sys.argv),
     }
@@ -557,6 +564,11 @@ def _build_train(p: argparse.ArgumentParser) -> None:
         "--teacher",
         metavar="MODEL.pt",
         help="distil from this trained model (loss weight 0.9 unless --set distill=W; --set temperature=T)",
+    )
+    p.add_argument(
+        "--init",
+        metavar="MODEL.pt",
+        help="start from this float model's weights (same layers), quantized from the first epoch",
     )
     p.add_argument(
         "--set",

@@ -195,3 +195,22 @@ def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsy
     _image_tree(tmp_path / "ten", classes=10, per_class=11)
     code, _, err = _run(capsys, "evaluate", str(out / "model.pt"), "--data", f"imagefolder:{tmp_path / 'ten'}")
     assert code == 2 and "has no test split; use --split val" in err
+
+
+def test_train_init_starts_from_a_float_models_weights_and_refuses_others(capsys, tmp_path):
+    base = ["train", "--data", "synthetic:300", "--val-size", "100", "--model", "resnet", "--model-arg", "width=4"]
+    base += ["--model-arg", "blocks=1,1,1", "--batch-size", "50", "--epochs", "1"]
+    assert main([*base, "--out", str(tmp_path / "float")]) == 0
+    start = str(tmp_path / "float" / "model.pt")
+    quantized = [*base, "--weight-bits", "8", "--act-bits", "8", "--lr", "1e-6"]
+    assert main([*quantized, "--init", start, "--out", str(tmp_path / "q")]) == 0
+    init, _ = load_model(start)
+    tuned, meta = load_model(tmp_path / "q" / "model.pt")
+    assert meta["init"] == start and meta["train"]["float_warmup"] is False
+    for name, weight in init.named_parameters():
+        torch.testing.assert_close(tuned.get_parameter(name), weight, atol=1e-4, rtol=0)
+    capsys.readouterr()
+    for bad in (str(tmp_path / "q" / "model.pt"), start):  # quantized; then other layers (width 8)
+        extra = ["--model-arg", "width=8"] if bad == start else []
+        assert main([*quantized, *extra, "--init", bad, "--out", str(tmp_path / "x")]) == 2
+        assert "is not a float model with the layers of this --model and --model-arg" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Model families, registered by name."""
 
-from microsearch.models._registry import create_model, list_models, model_spec, register_model
+from microsearch.models._registry import create_model, list_models, model_spec, register_model, same_layers
 from microsearch.models._resnet import BLOCKS, STEMS, ResNet, ResNetConfig
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "list_models",
     "model_spec",
     "register_model",
+    "same_layers",
 ]

@@ -4,6 +4,7 @@ from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any
 
+import torch
 from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -38,3 +39,12 @@ def config_from_kwargs(cls: type, defaults: dict[str, Any], overrides: dict[str,
     if unknown:
         raise ValueError(f"unknown model argument(s) {unknown}; known: {sorted(known)}")
     return cls(**{**defaults, **overrides})
+
+
+def same_layers(a: nn.Module, b: nn.Module) -> bool:
+    """True when ``a`` and ``b`` hold the same tensors by name and shape (one can load the other)."""
+
+    def shapes(model: nn.Module) -> dict[str, torch.Size]:
+        return {name: t.shape for name, t in model.state_dict().items()}
+
+    return shapes(a) == shapes(b)

@@ -34,7 +34,7 @@ from microsearch.evaluation.train import (
     train,
 )
 from microsearch.evaluation.views import params_markdown, score_markdown
-from microsearch.models import create_model
+from microsearch.models import create_model, same_layers
 from microsearch.search.space import MODEL, TrialPlan, suggest
 from microsearch.search.study import StudyConfig
 
@@ -46,11 +46,7 @@ def start_from(plan: TrialPlan, study: StudyConfig, teacher: nn.Module | None) -
     the candidate's float network has exactly its layers (names and shapes); None: from scratch."""
     if not study.distill.init or teacher is None:
         return None
-
-    def shapes(model: nn.Module) -> dict[str, torch.Size]:
-        return {name: t.shape for name, t in model.state_dict().items()}
-
-    return teacher if shapes(create_model(MODEL, **plan.model)) == shapes(teacher) else None
+    return teacher if same_layers(create_model(MODEL, **plan.model), teacher) else None
 
 
 def train_and_compress(
