@@ -109,14 +109,27 @@ def test_report_has_methodology_trials_plot_card_and_sweeps(searched, tmp_path, 
     assert "no model_card.json in" in capsys.readouterr().err
 
 
-def test_pareto_command_writes_the_figure_and_stores_it(searched, tmp_path):
-    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+def _dashboard_api(storage_url: str, path: str) -> dict:
+    """A GET on optuna-dashboard's own HTTP API (its public WSGI app), as its web page reads it."""
+    from wsgiref.util import setup_testing_defaults
 
+    import optuna_dashboard
+
+    environ: dict = {"PATH_INFO": path}
+    setup_testing_defaults(environ)
+    status = []
+    body = b"".join(optuna_dashboard.wsgi(storage_url)(environ, lambda s, headers, *exc: status.append(s)))
+    assert status == ["200 OK"], (path, status)
+    return json.loads(body)
+
+
+def test_pareto_command_writes_the_figure_and_stores_it_for_the_dashboard(searched, tmp_path):
     path, study = searched
     assert main(["pareto", str(path), "--out", str(tmp_path / "p.html")]) == 0
     assert "target 15%" in (tmp_path / "p.html").read_text()
-    optuna_study = optuna.load_study(study_name=study.name, storage=study.storage_url)
-    assert len(get_plotly_graph_objects(optuna_study._storage.get_study_system_attrs(optuna_study._study_id))) == 1
+    (summary,) = _dashboard_api(study.storage_url, "/api/studies")["study_summaries"]
+    figures = _dashboard_api(study.storage_url, f"/api/studies/{summary['study_id']}")["plotly_graph_objects"]
+    assert len(figures) == 1 and "target 15%" in json.dumps(figures)
 
 
 def test_retrain_without_a_test_split_says_how_to_measure_it(tmp_path, capsys):
