@@ -259,13 +259,34 @@ def test_binary_connect_clamp_is_an_optimizer_hook_installed_by_compression():
     quantize_(model, QuantConfig(weight_bits=1, act_bits=8))
     opt = torch.optim.SGD(model.parameters(), lr=100.0)
     hooks = install_training_hooks(model, opt)
-    assert len(hooks) == 1
+    assert len(hooks) == 2  # the clamp, and the bound on the (8-bit) activations' layer steps
     model(torch.randn(4, 8)).sum().backward()
     opt.step()
     assert model[0].weight.abs().max() <= 1
     plain = nn.Sequential(nn.Linear(8, 4))
-    quantize_(plain, QuantConfig(weight_bits=4, act_bits=8))
+    quantize_(plain, QuantConfig(weight_bits=32, act_bits=16))
     assert install_training_hooks(plain, torch.optim.SGD(plain.parameters(), lr=0.1)) == []
+
+
+def test_a_learned_weight_step_is_kept_where_some_weight_survives():
+    model = nn.Sequential(nn.Linear(8, 4))
+    quantize_(model, QuantConfig(weight_bits=8, act_bits=8))
+    x = torch.randn(16, 8)
+    model(x)  # calibrates
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    hooks = install_training_hooks(model, opt)
+    step = model[0].weight_quant.scale
+    step.grad = None
+    for push, expected in ((-1e3, "max |w|"), (1e3, "just above zero")):  # far past every weight, then past 0
+        opt.zero_grad()
+        model(x).sum().backward()
+        step.grad.fill_(push)
+        opt.step()
+        bound = float(model[0].weight.abs().max())
+        assert float(step) == pytest.approx(bound if expected == "max |w|" else 1e-8), expected
+        assert model[0].weight_quant(model[0].weight).abs().max() > 0  # not every weight rounds to zero
+    for hook in hooks:
+        hook.remove()
 
 
 def test_quantization_can_be_switched_off_and_calibrates_when_switched_on():
