@@ -11,7 +11,7 @@ from optuna.trial import FixedTrial
 from microsearch.cli import main
 from microsearch.evaluation.data import Split, load_data
 from microsearch.evaluation.train import evaluate
-from microsearch.search import load_study, open_study, starting_points, suggest
+from microsearch.search import describe, load_study, open_study, starting_points, suggest
 from microsearch.search.objective import start_from, train_and_compress
 from microsearch.search.teacher import ensure_teacher, teacher_path
 
@@ -153,6 +153,8 @@ def test_candidates_with_the_teachers_layers_start_from_its_weights(tiny_study, 
     assert start_from(plan, study, teacher) is teacher
     assert start_from(suggest(FixedTrial({**point, "width": 2}), study), study, teacher) is None
     assert start_from(plan, load_study(path, init[:1]), teacher) is None  # init = false
+    assert "start from its trained weights" in describe.distillation(study)  # the report's methodology
+    assert "start from its trained weights" not in describe.distillation(load_study(path, init[:1]))
     with pytest.raises(ValueError, match="init = true"):
         load_study(path, ["distill.init=true"])  # no teacher to start from
 
