@@ -218,8 +218,10 @@ def final_stage(study: StudyConfig, chosen: dict, out: Path, final: Path) -> dic
     """Copy the chosen candidate to ``final`` and test it once (where the source has a test split);
     the test split is read here and nowhere else."""
     card_file = final / "model_card.json"
-    if card_file.is_file():
-        return json.loads(card_file.read_text())
+    if card_file.is_file():  # a resumed run: done already, unless a resumed search changed the choice
+        done = json.loads(card_file.read_text())
+        if done["trial"] == chosen["trial"]:
+            return done
     source = out / "candidates" / f"trial-{chosen['trial']}"
     model, _ = load_model(source / "model.pt")
     card = {**chosen, "test_command": chosen["test_command"].replace(str(source), str(final))}

@@ -82,3 +82,32 @@ def test_a_campaign_without_plotly_still_delivers_the_model_and_summary(tiny_stu
     assert not (out / "pareto.html").exists() and not (out / "report").exists()
     err = capsys.readouterr().err
     assert re.search(r"\[campaign\] figure and report skipped: (plotly|optuna_dashboard) is not installed here", err)
+
+
+def test_the_final_model_follows_the_choice_when_a_resumed_search_changes_it(tiny_study, tmp_path, monkeypatch):
+    import importlib
+
+    from microsearch.checkpoint import save_model
+    from microsearch.models import create_model
+
+    retrain = importlib.import_module("microsearch.search.retrain")
+    written = []
+
+    def write(folder, model, card):  # what final_stage writes: the card and which model it holds
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model_card.json").write_text(json.dumps(card))
+        written.append((card["trial"], model.config.width))
+
+    monkeypatch.setattr(retrain, "write_model", write)
+    study = load_study(tiny_study())
+    out = tmp_path / "run"
+    cards = {}
+    for trial, width in ((1, 4), (3, 8)):  # two candidates, told apart by their width
+        folder = out / "candidates" / f"trial-{trial}"
+        save_model(folder / "model.pt", create_model("resnet", width=width, blocks=(1, 1, 1)))
+        plan = {"train": {"device": "cpu", "tta": False, "precision": "fp32"}}
+        cards[trial] = {"trial": trial, "plan": plan, "test_command": f"microsearch evaluate {folder}/model.pt"}
+    assert retrain.final_stage(study, cards[1], out, out / "final")["trial"] == 1
+    assert retrain.final_stage(study, cards[1], out, out / "final")["trial"] == 1  # resumed: nothing redone
+    assert retrain.final_stage(study, cards[3], out, out / "final")["trial"] == 3  # a resumed search chose anew
+    assert written == [(1, 4), (3, 8)]
