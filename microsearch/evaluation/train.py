@@ -449,7 +449,8 @@ def train(
         seen = len(loader) * config.batch_size
         epoch_seconds = time.perf_counter() - epoch_start
         ordinary_step = (epoch_seconds - first_step) / max(1, len(loader) - 1)
-        compile_seconds = max(0.0, first_step - ordinary_step) if new_phase and compile_on else 0.0
+        compiled = step_model is not model  # compile_on, unless no compiler worked
+        compile_seconds = max(0.0, first_step - ordinary_step) if new_phase and compiled else 0.0
         judged = ema.model if ema else model
         stats = EpochStats(
             epoch=epoch,
