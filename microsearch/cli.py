@@ -660,9 +660,17 @@ def _stop(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _quiet_interrupts(unraisable) -> None:
+    """A Ctrl-C or SIGTERM that lands in a finalizer (torch's weak-reference callbacks) is the
+    interrupt already reported in one line, not an error worth a traceback."""
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     STOP.clear()
+    sys.unraisablehook = _quiet_interrupts
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C and SIGTERM (what schedulers and containers send) both stop cleanly.
         signal.signal(signal.SIGINT, _stop)

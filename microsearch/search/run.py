@@ -2,6 +2,7 @@
 
 import datetime
 import importlib.util
+import logging
 import secrets
 import time
 import warnings
@@ -48,15 +49,30 @@ def _jsonable(value):  # tuples become lists, as they come back from the storage
     return value
 
 
+class _NoInterruptReport(logging.Filter):
+    """Drops Optuna's "Trial N failed ... KeyboardInterrupt" warning and its traceback: on Ctrl-C
+    or SIGTERM the worker says "interrupted" in one line and queues the trial again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        interrupted = record.exc_info and issubclass(record.exc_info[0], KeyboardInterrupt)
+        return not (interrupted or "failed with value None" in record.getMessage())  # (ours never return None)
+
+
 @contextmanager
 def _optuna_warnings_only() -> Iterator[None]:
     """Optuna's INFO lines ("A new study created", "Trial 3 finished ...") repeat what microsearch
     prints itself: silenced while it drives a study, the caller's level restored afterwards."""
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet = _NoInterruptReport()
+    handlers = list(logging.getLogger("optuna").handlers)  # the records come from child loggers
+    for handler in handlers:
+        handler.addFilter(quiet)
     try:
         yield
     finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
         optuna.logging.set_verbosity(level)
 
 
@@ -230,7 +246,8 @@ def run_worker(
             )
     except KeyboardInterrupt:
         if objective.current is not None:
-            requeue_interrupted(optuna_study, objective.current)
+            with _optuna_warnings_only():
+                requeue_interrupted(optuna_study, objective.current)
         raise
     return optuna_study
 
@@ -240,7 +257,9 @@ def requeue_interrupted(optuna_study: optuna.Study, number: int) -> None:
     restarted worker runs it with the same parameters."""
     trial = optuna_study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
     if trial.state == TrialState.FAIL:
-        RetryHeartbeatStaleTrialCallback()(optuna_study, trial)
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.8; it is what heartbeats use
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            RetryHeartbeatStaleTrialCallback()(optuna_study, trial)
 
 
 def stale_running(optuna_study: optuna.Study, minutes: float) -> list[optuna.trial.FrozenTrial]:
