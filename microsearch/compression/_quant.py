@@ -383,14 +383,18 @@ def clamp_binary_weights_(model: nn.Module) -> None:
             m.weight.clamp_(-1, 1)
 
 
+def _learned_weight_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, QUANT_LAYERS) and m.weight_quant.scale is not None]
+
+
 @torch.no_grad()
-def bound_weight_steps_(model: nn.Module) -> None:
+def bound_weight_steps_(layers: list[nn.Module]) -> None:
     """Keep each learned weight step size in (0, max |w|]: a larger step rounds every weight of
     the layer to zero. At high learning rates the step can grow past that bound, since shrinking a
     whole layer is a quick way to lower a noisy loss; the layer then stays dead (seen on the 8-bit
     classifier: constant predictions, 10% accuracy, for the rest of the run)."""
-    for m in model.modules():
-        if isinstance(m, QUANT_LAYERS) and m.weight_quant.scale is not None and m.weight_quant.enabled:
+    for m in layers:
+        if m.weight_quant.enabled:
             step = m.weight_quant.scale  # tensors only: no host-device synchronisation
             step.copy_(torch.minimum(step.clamp(min=1e-8), m.weight.detach().abs().amax().clamp(min=1e-8)))
 
@@ -402,6 +406,7 @@ def install_training_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -
     hooks = []
     if any(isinstance(m, QUANT_LAYERS) and m.weight_quant.bits == 1 for m in model.modules()):
         hooks.append(optimizer.register_step_post_hook(lambda *_: clamp_binary_weights_(model)))
-    if learned_quantizers(model):
-        hooks.append(optimizer.register_step_post_hook(lambda *_: bound_weight_steps_(model)))
+    layers = _learned_weight_layers(model)  # found once, not at every step
+    if layers:
+        hooks.append(optimizer.register_step_post_hook(lambda *_: bound_weight_steps_(layers)))
     return hooks
