@@ -61,8 +61,25 @@ def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) ->
     return nn.Sequential(conv, nn.BatchNorm2d(c_out))
 
 
+class Subsampled(nn.Sequential):
+    """Its layers applied to every ``stride``-th pixel: a strided 1x1 conv as the stride-1 conv of
+    the subsampled input (the same products and sums, the same layers and weights). On x86 CPUs
+    oneDNN's strided 1x1 weight gradient for channels_last inputs of fewer channels than its block
+    (8 with AVX2, 16 with AVX-512) hangs, crashes or returns wrong gradients (oneDNN issue 6035;
+    seen here: a 4 -> 8 channel shortcut hung a worker on an AVX2 CPU)."""
+
+    def __init__(self, stride: int, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[:, :, :: self.stride, :: self.stride])
+
+
 def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module:
-    return nn.Identity() if stride == 1 and c_in == c_out else _conv_bn(c_in, c_out, 1, stride)
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    return Subsampled(stride, *_conv_bn(c_in, c_out, 1))
 
 
 class BasicBlock(nn.Module):

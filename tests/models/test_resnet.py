@@ -1,5 +1,9 @@
+import subprocess
+import sys
+
 import pytest
 import torch
+from torch import nn
 
 from microsearch.compression import li_prune
 from microsearch.evaluation import audit
@@ -143,3 +147,47 @@ def test_fractional_stage_multipliers_round_the_channels():
 def test_bad_stem_and_expansion_are_named(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         create_model("resnet", **kwargs)
+
+
+def test_a_strided_shortcut_is_a_strided_1x1_conv_in_values_and_gradients():
+    torch.manual_seed(0)
+    shortcut = create_model("resnet", width=4, blocks=(1, 1, 1)).stages[1][0].shortcut.double()
+    conv, norm = shortcut
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (4, 8, (1, 1))
+    reference = nn.Conv2d(4, 8, 1, stride=2, bias=False).double()
+    reference.weight.data.copy_(conv.weight.data)
+    for side in (16, 15):  # even and odd inputs: the strided conv's output size
+        x = torch.randn(2, 4, side, side, dtype=torch.float64, requires_grad=True)
+        shortcut(x).square().sum().backward()
+        grad_x, grad_w = x.grad, conv.weight.grad
+        x.grad = conv.weight.grad = None
+        norm(reference(x)).square().sum().backward()
+        torch.testing.assert_close(shortcut(x), norm(reference(x)))
+        torch.testing.assert_close(grad_x, x.grad)
+        torch.testing.assert_close(grad_w, reference.weight.grad)
+        conv.weight.grad = reference.weight.grad = None
+
+
+def test_a_narrow_strided_shortcut_trains_in_channels_last_on_the_cpu():
+    # oneDNN's strided 1x1 weight gradient hangs, crashes or errs for channels_last inputs narrower
+    # than its block on x86 CPUs; a child process turns a hang or a crash into a failure. The float32
+    # channels_last gradients must match those of a float64 strided conv in the default layout.
+    code = """
+import copy, torch
+from microsearch.models import create_model
+torch.manual_seed(0)
+shortcut = create_model("resnet", width=4, blocks=(1, 1, 1)).stages[1][0].shortcut
+conv64 = torch.nn.Conv2d(4, 8, 1, stride=2, bias=False).double()
+conv64.weight.data.copy_(shortcut[0].weight.data)
+norm64 = copy.deepcopy(shortcut[1]).double()
+x, g = torch.randn(64, 4, 32, 32), torch.randn(64, 8, 16, 16)
+x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+shortcut.to(memory_format=torch.channels_last)(x_cl).backward(g)
+x64 = x.double().requires_grad_()
+norm64(conv64(x64)).backward(g.double())
+pairs = (x_cl.grad, x64.grad), (shortcut[0].weight.grad, conv64.weight.grad)
+print(max(float((a - b).abs().max() / b.abs().max()) for a, b in pairs))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert float(done.stdout) < 1e-4
