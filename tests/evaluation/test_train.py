@@ -11,6 +11,7 @@ from microsearch.evaluation.loader import DeviceLoader
 from microsearch.evaluation.train import (
     TrainConfig,
     TrainingDiverged,
+    device_name,
     distillation_loss,
     evaluate,
     lr_at,
@@ -126,16 +127,21 @@ def _quantized(width: int = 8) -> nn.Module:
 
 def test_auto_precision_is_bf16_exactly_where_the_cpu_runs_it_natively(monkeypatch):
     assert resolve_precision("fp32", CPU) == torch.float32
-    assert resolve_precision("bf16", CPU) == torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert resolve_precision("auto", CPU) == torch.bfloat16
+    assert "with bf16" in device_name(CPU)  # results say which CPU units they ran on
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_precision("auto", CPU) == torch.float32
+    assert torch.backends.cpu.get_cpu_capability() in device_name(CPU)
+    assert "bf16" not in device_name(CPU)
+    with pytest.warns(UserWarning, match="no native bf16: it is emulated"):
+        assert resolve_precision("bf16", CPU) == torch.bfloat16  # asked for: obeyed, with a warning
     with pytest.raises(ValueError, match=r"TrainConfig\.precision"):
         TrainConfig(precision="fp8")
 
 
+@pytest.mark.filterwarnings("ignore:.*no native bf16")  # where the CPU emulates bf16
 def test_a_quantized_model_scores_the_same_accuracy_in_bf16_and_fp32(small_data):
     model = _quantized()
     train(model, small_data, TrainConfig(epochs=4, batch_size=64, lr=0.1, precision="bf16"))
