@@ -7,6 +7,8 @@
 # files of 16 MiB): summary, card, model (when small enough) and the study itself, from which
 # `microsearch report` makes the figure and the report on a machine with plotly.
 #   bash benchmarks/gpu_campaign.sh [HOURS] [SECONDS] [STUDY]     (defaults: 0.25, 540, cifar10.toml)
+# DATA overrides the study's source (default: the packed JPEG images); PYTHON the interpreter that
+# has torch (default python3). A rehearsal on a CPU: DATA=synthetic:2000 ... studies/smoke.toml.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 HOURS=${1:-0.25}
@@ -15,15 +17,17 @@ STUDY=${3:-studies/cifar10.toml}
 PACK=${PACK:-.pack}
 RUN=runs/gpu
 RESULT=${OUT:-runs/gpu-result}
+PYTHON=${PYTHON:-python3}
 
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$PACK"/wheels/*.whl || exit 1
+"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$PACK"/wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-if [ ! -d ~/data/cifar10-jpeg ]; then
-  mkdir -p ~/data && unzip -q "$PACK/cifar10-jpeg-train.zip" -d ~/data || exit 1
+if [ -z "${DATA:-}" ]; then
+  DATA="imagefolder:$HOME/data/cifar10-jpeg"
+  [ -d ~/data/cifar10-jpeg ] || { mkdir -p ~/data && unzip -q "$PACK/cifar10-jpeg-train.zip" -d ~/data; } || exit 1
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no GPU: the campaign runs on the CPU"
 timeout --signal=INT --kill-after=60 "$SECONDS_LEFT" \
-  python3 -m microsearch campaign "$STUDY" --set "data.source='imagefolder:~/data/cifar10-jpeg'" \
+  "$PYTHON" -m microsearch campaign "$STUDY" --set "data.source='$DATA'" \
   --out "$RUN" --hours "$HOURS"
 echo "campaign exit code $?"
 

@@ -365,10 +365,12 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     summary = campaign(study, args.out, args.hours, args.storage, args.top, args.retrain_epochs, log=_log)
     final = summary["final"]
     test = "not measured (no test split)" if final["test_acc"] is None else f"{final['test_acc']:.2%}"
+    outputs = ("final/", "report/", "pareto.html", "summary.json")
+    written = [name for name in outputs if (Path(args.out) / name).exists()]
     print(
         f"campaign {study.name}: {summary['trials_finished']} trials; final model trial {final['trial']}: "
         f"validation {final['val_acc']:.2%}, test {test}, score {final['score']:.5f}\n"
-        f"wrote {Path(args.out)}/final/, report/, pareto.html, summary.json"
+        f"wrote in {args.out}: {', '.join(written)}"
     )
     return 0
 

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from microsearch.search.pareto import save_pareto
 from microsearch.search.report import write_report
 from microsearch.search.retrain import retrain_top
-from microsearch.search.run import best_feasible, open_study, run_worker
+from microsearch.search.run import best_feasible, open_study, requeue_interrupted, run_worker
 from microsearch.search.study import StudyConfig
 from microsearch.search.workers import launch
 
@@ -35,6 +35,10 @@ _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 def _trial_seconds(trial: optuna.trial.FrozenTrial) -> float:
     if trial.datetime_start is None or trial.datetime_complete is None:
         return 0.0
+    # A killed run's trial ended at an unknown time: counting until it was found would charge the
+    # search for the hours the campaign was not running. (Its retry inherits the mark.)
+    if trial.state == TrialState.FAIL and trial.user_attrs.get("killed_run"):
+        return 0.0
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
@@ -43,10 +47,19 @@ def storage_for(out: Path, gpus: int) -> str:
     return f"journal:{out / 'study.log'}" if gpus > 1 else f"sqlite:///{(out / 'study.db').resolve()}"
 
 
-def search_stage(study: StudyConfig, storage: str, hours: float | None, log: Callable[[str], None]) -> optuna.Study:
+def search_stage(
+    study: StudyConfig, storage: str, hours: float | None, log: Callable[[str], None], own: bool = True
+) -> optuna.Study:
     """Run trials until the study has ``[budget] trials`` finished ones or the trials have used
-    ``hours`` (counted from the storage, so a resumed campaign spends only what is left)."""
+    ``hours`` (counted from the storage, so a resumed campaign spends only what is left).
+    ``own``: the storage is the campaign folder's, written by no process but this command's
+    workers, so a trial found RUNNING was left by a killed run: it is requeued at once."""
     optuna_study = open_study(study, storage)
+    if own:
+        for trial in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            optuna.Trial(optuna_study, trial._trial_id).set_user_attr("killed_run", True)
+            requeue_interrupted(optuna_study, trial.number)
+            log(f"[campaign] trial {trial.number} was left running by a killed run: queued again")
     trials = optuna_study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in _FINISHED]
     left_trials = study.budget.trials - len(finished)
@@ -125,8 +138,9 @@ def campaign(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    own = storage is None
     storage = storage or storage_for(out, torch.cuda.device_count())
-    optuna_study = search_stage(study, storage, hours, log)
+    optuna_study = search_stage(study, storage, hours, log, own)
     final = retrain_top(study, optuna_study, out, top, retrain_epochs, out / "final", log)
     try:
         save_pareto(optuna_study, study, out / "pareto.html", final, log)

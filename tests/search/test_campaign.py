@@ -10,6 +10,7 @@ import torch
 
 from microsearch.cli import main
 from microsearch.search import load_study, open_study
+from microsearch.search.space import suggest
 
 
 def test_an_interrupted_campaign_resumes_without_repeating_a_trial_or_an_epoch(tiny_study, tmp_path, capsys):
@@ -80,8 +81,10 @@ def test_a_campaign_without_plotly_still_delivers_the_model_and_summary(tiny_stu
     assert main(["campaign", str(path), "--out", str(out), "--top", "1", "--retrain-epochs", "1"]) == 0
     assert (out / "final" / "model.pt").is_file() and (out / "summary.json").is_file()
     assert not (out / "pareto.html").exists() and not (out / "report").exists()
-    err = capsys.readouterr().err
-    assert re.search(r"\[campaign\] figure and report skipped: (plotly|optuna_dashboard) is not installed here", err)
+    printed = capsys.readouterr()
+    skipped = r"\[campaign\] figure and report skipped: (plotly|optuna_dashboard) is not installed here"
+    assert re.search(skipped, printed.err)
+    assert printed.out.splitlines()[-1] == f"wrote in {out}: final/, summary.json"  # only what exists
 
 
 def test_the_final_model_follows_the_choice_when_a_resumed_search_changes_it(tiny_study, tmp_path, monkeypatch):
@@ -111,3 +114,27 @@ def test_the_final_model_follows_the_choice_when_a_resumed_search_changes_it(tin
     assert retrain.final_stage(study, cards[1], out, out / "final")["trial"] == 1  # resumed: nothing redone
     assert retrain.final_stage(study, cards[3], out, out / "final")["trial"] == 3  # a resumed search chose anew
     assert written == [(1, 4), (3, 8)]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks for a trial itself
+def test_a_trial_left_running_by_a_killed_campaign_runs_again_and_costs_no_search_time(tiny_study, tmp_path, capsys):
+    path = tiny_study(images=600)
+    out = tmp_path / "killed"
+    out.mkdir()
+    study = load_study(path)
+    optuna_study = open_study(study, f"sqlite:///{(out / 'study.db').resolve()}")
+    orphan = optuna_study.ask()  # a trial whose worker was killed (SIGKILL) after sampling it
+    suggest(orphan, study)
+    time.sleep(2)  # the hours the campaign was not running
+    argv = ["campaign", str(path), "--out", str(out), "--top", "1", "--retrain-epochs", "1", "--hours", "1"]
+    assert main(argv) == 0
+    assert f"[campaign] trial {orphan.number} was left running by a killed run: queued again" in capsys.readouterr().err
+    trials = open_study(study, f"sqlite:///{(out / 'study.db').resolve()}").get_trials()
+    killed = trials[orphan.number]
+    assert killed.state.name == "FAIL" and killed.user_attrs["killed_run"]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].params == orphan.params
+    assert not any(t.state.name == "RUNNING" for t in trials)
+    summary = json.loads((out / "summary.json").read_text())
+    ran = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials if t is not killed)
+    assert summary["search_seconds"] == pytest.approx(ran, abs=0.5)  # the killed trial's time is not charged
