@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -198,7 +199,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if split is None:
         raise ValueError(f"{args.data} has no test split; use --split val, or a source with test images")
     device = resolve_device(args.device)
-    result = evaluate(model, split, device, args.tta, args.precision)
+    # bf16 rounds the activations between layers: a card's accuracy is reproduced in its precision.
+    precision = args.precision or meta.get("precision", "auto")
+    result = evaluate(model, split, device, args.tta, precision)
     score = audit(model.cpu(), rule=meta.get("rule", "lab4"), passes=result.passes)
     summary = {
         "model_file": args.checkpoint,
@@ -211,7 +214,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "score": score.score,
         "param_term": score.param_term,
         "ops_term": score.ops_term,
-        "precision": precision_name(resolve_precision(args.precision, device)),
+        "precision": precision_name(resolve_precision(precision, device)),
         "device": device_name(device),
     }
     if args.json:
@@ -594,7 +597,9 @@ def _build_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (2 passes, both scored)")
     p.add_argument("--device", default="auto")
     p.add_argument(
-        "--precision", choices=PRECISIONS, default="auto", help="evaluation precision (auto: bf16 where native)"
+        "--precision",
+        choices=PRECISIONS,
+        help="evaluation precision (default: the one the file's accuracy was measured in, else auto)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -669,10 +674,15 @@ def _quiet_interrupts(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"microsearch: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     STOP.clear()
     sys.unraisablehook = _quiet_interrupts
+    warnings.formatwarning = _one_line_warning
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C and SIGTERM (what schedulers and containers send) both stop cleanly.
         signal.signal(signal.SIGINT, _stop)

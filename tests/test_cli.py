@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from microsearch.checkpoint import load_model
+from microsearch.checkpoint import load_model, save_model
 from microsearch.cli import main
 from microsearch.evaluation import audit
 from microsearch.evaluation.data import DataConfig, load_data
@@ -149,6 +149,7 @@ def _image_tree(root, classes: int, per_class: int, test: bool = False) -> None:
                 Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.png")
 
 
+@pytest.mark.filterwarnings("ignore:.*no native bf16")  # where the CPU emulates bf16
 def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsys):
     out = tmp_path / "run"
     assert (
@@ -187,6 +188,17 @@ def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsy
     tta = json.loads(text)
     assert tta["images"] == 100 and tta["passes"] == 2
     assert tta["ops_term"] == pytest.approx(2 * result["ops_term"])  # both passes are scored
+    # By default a file is evaluated in the precision its accuracy was measured in (bf16 rounds the
+    # activations between layers); --precision overrides it.
+    model_meta = load_model(out / "model.pt")[1]
+    save_model(out / "bf16.pt", model, {**model_meta, "precision": "bf16"})
+    code, text, _ = _run(capsys, "evaluate", str(out / "bf16.pt"), "--data", "synthetic:600", "--json")
+    bf16 = json.loads(text)
+    assert bf16["precision"] == "bf16"
+    assert bf16["accuracy"] == evaluate(model, data.test, torch.device("cpu"), precision="bf16").accuracy
+    argv = ["evaluate", str(out / "bf16.pt"), "--data", "synthetic:600", "--precision", "fp32", "--json"]
+    code, text, _ = _run(capsys, *argv)
+    assert json.loads(text)["precision"] == "fp32"
     _image_tree(tmp_path / "three", classes=3, per_class=40)
     code, _, err = _run(
         capsys, "evaluate", str(out / "model.pt"), "--data", f"imagefolder:{tmp_path / 'three'}", "--split", "val"

@@ -185,7 +185,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"precision bf16 requested but {torch.cuda.get_device_name(device)} has no bf16 support")
     if name == "bf16" and not native:  # measured on a 2-core AVX2 CPU: 23-33 images/s against 269-390
         slow = f"{device_name(device)} has no native bf16: it is emulated, about 10x slower than fp32"
-        warnings.warn(slow, stacklevel=2)
+        warnings.warn(slow, stacklevel=1)  # one location: shown once per process
     if name == "bf16" or (name == "auto" and native):
         return torch.bfloat16
     return torch.float32
