@@ -194,11 +194,13 @@ def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsy
     save_model(out / "bf16.pt", model, {**model_meta, "precision": "bf16"})
     code, text, _ = _run(capsys, "evaluate", str(out / "bf16.pt"), "--data", "synthetic:600", "--json")
     bf16 = json.loads(text)
-    assert bf16["precision"] == "bf16"
+    assert code == 0 and bf16["precision"] == "bf16"
     assert bf16["accuracy"] == evaluate(model, data.test, torch.device("cpu"), precision="bf16").accuracy
     argv = ["evaluate", str(out / "bf16.pt"), "--data", "synthetic:600", "--precision", "fp32", "--json"]
     code, text, _ = _run(capsys, *argv)
-    assert json.loads(text)["precision"] == "fp32"
+    fp32 = json.loads(text)
+    assert code == 0 and fp32["precision"] == "fp32"
+    assert fp32["accuracy"] == evaluate(model, data.test, torch.device("cpu"), precision="fp32").accuracy
     _image_tree(tmp_path / "three", classes=3, per_class=40)
     code, _, err = _run(
         capsys, "evaluate", str(out / "model.pt"), "--data", f"imagefolder:{tmp_path / 'three'}", "--split", "val"

@@ -183,7 +183,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_runs_bf16()
     if name == "bf16" and device.type == "cuda" and not native:
         raise ValueError(f"precision bf16 requested but {torch.cuda.get_device_name(device)} has no bf16 support")
-    if name == "bf16" and not native:  # measured on a 2-core AVX2 CPU: 23-33 images/s against 269-390
+    if name == "bf16" and not native:  # 33 vs 317 images/s (benchmarks/results/trial_speed_cpu_avx2.json)
         slow = f"{device_name(device)} has no native bf16: it is emulated, about 10x slower than fp32"
         warnings.warn(slow, stacklevel=1)  # one location: shown once per process
     if name == "bf16" or (name == "auto" and native):

@@ -48,7 +48,7 @@ def storage_for(out: Path, gpus: int) -> str:
 
 
 def search_stage(
-    study: StudyConfig, storage: str, hours: float | None, log: Callable[[str], None], own: bool = True
+    study: StudyConfig, storage: str, hours: float | None, log: Callable[[str], None], *, own: bool
 ) -> optuna.Study:
     """Run trials until the study has ``[budget] trials`` finished ones or the trials have used
     ``hours`` (counted from the storage, so a resumed campaign spends only what is left).
@@ -140,7 +140,7 @@ def campaign(
     started = time.perf_counter()
     own = storage is None
     storage = storage or storage_for(out, torch.cuda.device_count())
-    optuna_study = search_stage(study, storage, hours, log, own)
+    optuna_study = search_stage(study, storage, hours, log, own=own)
     final = retrain_top(study, optuna_study, out, top, retrain_epochs, out / "final", log)
     try:
         save_pareto(optuna_study, study, out / "pareto.html", final, log)
