@@ -199,7 +199,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if split is None:
         raise ValueError(f"{args.data} has no test split; use --split val, or a source with test images")
     device = resolve_device(args.device)
-    # bf16 rounds the activations between layers: a card's accuracy is reproduced in its precision.
+    # Quantized layers evaluate exactly in any precision; float layers in bf16 round their outputs.
     precision = args.precision or meta.get("precision", "auto")
     result = evaluate(model, split, device, args.tta, precision)
     score = audit(model.cpu(), rule=meta.get("rule", "lab4"), passes=result.passes)

@@ -188,8 +188,8 @@ def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsy
     tta = json.loads(text)
     assert tta["images"] == 100 and tta["passes"] == 2
     assert tta["ops_term"] == pytest.approx(2 * result["ops_term"])  # both passes are scored
-    # By default a file is evaluated in the precision its accuracy was measured in (bf16 rounds the
-    # activations between layers); --precision overrides it.
+    # By default a file is evaluated in the precision its accuracy was measured in (a float layer in
+    # bf16 rounds its output); --precision overrides it.
     model_meta = load_model(out / "model.pt")[1]
     save_model(out / "bf16.pt", model, {**model_meta, "precision": "bf16"})
     code, text, _ = _run(capsys, "evaluate", str(out / "bf16.pt"), "--data", "synthetic:600", "--json")

@@ -7,7 +7,9 @@ integer levels with a learned step size (LSQ, Esser et al. 2020), 1 is BinaryCon
 Exact in every training precision: a quantizer's math runs in float32 even under bf16 autocast,
 and a quantized conv / linear layer runs on the integer *levels* of its input and weights (exact
 in bf16 up to 8 bits: bf16 holds every integer up to 256), then rescales its output by the product
-of the two step sizes in float32. So the layer computes what the audit claims in any precision.
+of the two step sizes in float32. Training under bf16 rounds that output to bf16; evaluation (a
+layer in eval mode) keeps it in float32, so a quantized layer is evaluated exactly as the audit
+claims in any precision, and a quantized model's accuracy does not depend on it.
 
 The quantizers are chains of plain tensor operations so that ``torch.compile`` fuses them; they
 initialise their step size from the first batch they see (``calibrate_`` runs that batch eagerly,
@@ -194,7 +196,14 @@ class _QuantMixin:
             # strides the elementwise chain can leave (1x1 kernels, batch 25); a no-op when already so
             x_levels = x_levels.contiguous(memory_format=torch.channels_last)
             w_levels = w_levels.contiguous(memory_format=torch.channels_last)
-        out = op(x_levels, w_levels)
+        device = x_levels.device.type
+        if not self.training and torch.is_autocast_enabled(device):
+            # Evaluation computes what the audit claims: exact float32 sums of the levels, not sums
+            # rounded to bf16 (8 significant bits, where a conv's integer sums need up to ~17).
+            with torch.autocast(device, enabled=False):
+                out = op(x_levels.float(), w_levels.float())
+        else:
+            out = op(x_levels, w_levels)
         steps = [s for s in (x_step, w_step) if s is not None]
         if steps:  # back in the compute dtype: bf16 holds the product as exactly as the conv's output
             out = (out.float() * math.prod(steps)).to(out.dtype)

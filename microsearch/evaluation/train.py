@@ -222,11 +222,14 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 def evaluate(
     model: nn.Module, split: Split, device: torch.device, tta: bool = False, precision: str = "auto"
 ) -> Evaluation:
-    """Top-1 accuracy on ``split``; with ``tta`` the logits of the image and its mirror are summed."""
+    """Top-1 accuracy on ``split``; with ``tta`` the logits of the image and its mirror are summed.
+
+    The images enter in float32 whatever the precision: quantized layers evaluate exactly (see
+    ``compression/_quant.py``) and their first quantizer sees the normalised pixels unrounded."""
     dtype = resolve_precision(precision, device)
     model.to(device, memory_format=torch.channels_last).eval()
     correct = torch.zeros((), device=device)
-    for x, y in DeviceLoader(split, 1000, device, dtype):
+    for x, y in DeviceLoader(split, 1000, device, torch.float32):
         with _autocast(device, dtype):
             logits = model(x).float()
             if tta:

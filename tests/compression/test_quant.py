@@ -243,6 +243,29 @@ def test_quantized_conv_runs_on_integer_levels_and_equals_the_fake_quantized_con
     # exact integer sums, rounded once to bf16 (8 significant bits) on the way out
     torch.testing.assert_close(low.float(), reference, rtol=2**-8, atol=1e-4)
 
+    layer.eval()  # evaluation keeps the exact float32 sums under autocast too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = layer(x_bf16)
+    assert exact.dtype == torch.float32
+    torch.testing.assert_close(exact, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_model_evaluates_the_same_logits_under_bf16_autocast_as_in_float32():
+    torch.manual_seed(0)
+    model = create_model("resnet20", width=8)
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8))
+    x = torch.randn(32, 3, 32, 32)
+    calibrate_(model, x)
+    model.train()
+    for _ in range(3):  # move the batch statistics off their initial values
+        model(x)
+    model.eval()
+    fp32 = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(x)
+    # only the order of float32 additions may differ: not one 4-bit level moves
+    torch.testing.assert_close(bf16.float(), fp32, rtol=1e-4, atol=1e-4)
+
 
 def test_batchnorm_without_momentum_keeps_a_cumulative_average():
     model = nn.Sequential(nn.BatchNorm2d(3, momentum=None))
