@@ -4,7 +4,8 @@ One run, one JSON file:
 1. images/s of ``train()`` (its device loader, augmentation and step) for the float and the 4/4-bit
    ResNet-20 (first conv and classifier at 8 bits), at fp32 and at the auto precision, eager and
    compiled, beside a plain channels_last loop over the float model in bf16 autocast and in fp32
-   (the ceiling: no augmentation, no bookkeeping). Throughput is that of the last epoch (the
+   (the ceiling: no augmentation, no bookkeeping) and the same loop in fp32 NCHW (how microsearch
+   trained on the CPU before its precision policy). Throughput is that of the last epoch (the
    steady state); compile seconds come from the first. Where the hardware runs no bf16 natively
    (auto = fp32), only fp32 is measured, and the plain loop in both precisions shows why.
 2. Operations dispatched per training step (torch profiler: aten operations not called by another).
@@ -50,11 +51,12 @@ def build(quantized: bool) -> torch.nn.Module:
     return model
 
 
-def plain_loop(device: torch.device, batch: int, steps: int, bf16: bool) -> float:
-    """Images/s of the simplest channels_last step over the float ResNet-20, in bf16 autocast or fp32."""
-    model = build(False).to(device, memory_format=torch.channels_last).train()
+def plain_loop(device: torch.device, batch: int, steps: int, bf16: bool, layout: str = "channels_last") -> float:
+    """Images/s of the simplest step over the float ResNet-20, in bf16 autocast or fp32."""
+    memory_format = {"channels_last": torch.channels_last, "NCHW": torch.contiguous_format}[layout]
+    model = build(False).to(device, memory_format=memory_format).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
@@ -143,7 +145,8 @@ def main() -> None:
             name: plain_loop(device, args.batch_size, 20 if name in (auto, "fp32") else 4, name == "bf16")
             for name in ("fp32", "bf16")
         }
-        print(f"plain channels_last loop: {result['plain_loop_images_per_second']}", flush=True)
+        result["plain_loop_images_per_second"]["fp32 NCHW"] = plain_loop(device, args.batch_size, 20, False, "NCHW")
+        print(f"plain loop: {result['plain_loop_images_per_second']}", flush=True)
     # fp32 and the auto precision: one precision where auto is fp32.
     for quantized in () if args.skip_speed else (False, True):
         for precision in dict.fromkeys(("fp32", auto)):
