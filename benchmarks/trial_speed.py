@@ -19,6 +19,7 @@ One run, one JSON file:
 import argparse
 import json
 import platform
+import statistics
 import time
 from dataclasses import replace
 
@@ -113,6 +114,7 @@ def main() -> None:
     p.add_argument("--data", default="imagefolder:~/data/cifar10-jpeg", help="source for the recipe comparison")
     p.add_argument("--epochs", type=int, default=10, help="epochs of the recipe comparison")
     p.add_argument("--speed-images", type=int, default=6144, help="training images per epoch of the speed runs")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the speed runs (medians)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-recipes", action="store_true", help="only measure speed")
@@ -139,37 +141,60 @@ def main() -> None:
 
     speed_data = load_data(DataConfig(f"synthetic:{args.speed_images + 512}", val_size=512))
     # Both precisions of the plain loop show what "auto" chose between; where the hardware has no
-    # native bf16 (emulated, about 10x slower) a few steps are enough to show it.
+    # native bf16 (emulated, about 10x slower) a few steps are enough to show it. The runs of each
+    # round go one after the other and the rounds repeat them, so a machine that slows down for a
+    # while slows every configuration alike; the medians over the rounds are reported.
+    plain = {"fp32": (False, "channels_last"), "bf16": (True, "channels_last"), "fp32 NCHW": (False, "NCHW")}
+    configs = [
+        (quantized, precision, compiled)
+        for quantized in (False, True)
+        for precision in dict.fromkeys(("fp32", auto))  # one precision where auto is fp32
+        for compiled in ("off", "on")
+    ]
+    plain_samples = {name: [] for name in plain}
+    samples = {c: [] for c in configs}
+    compile_seconds = {}
+    for round_ in range(0 if args.skip_speed else args.rounds):
+        for name, (bf16, layout) in plain.items():
+            steps = 4 if bf16 and auto != "bf16" else 20
+            plain_samples[name].append(plain_loop(device, args.batch_size, steps, bf16, layout))
+        for quantized, precision, compiled in configs:
+            config = TrainConfig(
+                epochs=2, batch_size=args.batch_size, precision=precision, compile=compiled, device=str(device)
+            )
+            history = train(build(quantized), speed_data, config)
+            samples[quantized, precision, compiled].append(history[-1].images_per_second)
+            compile_seconds.setdefault((quantized, precision, compiled), history[0].compile_seconds)
+            print(
+                f"round {round_ + 1}: {quantized=} {precision} compile={compiled} "
+                f"{history[-1].images_per_second:,.0f} images/s",
+                flush=True,
+            )
     if not args.skip_speed:
-        result["plain_loop_images_per_second"] = {
-            name: plain_loop(device, args.batch_size, 20 if name in (auto, "fp32") else 4, name == "bf16")
-            for name in ("fp32", "bf16")
+        # After the timed runs: compiling here first would warm the cache their compile seconds measure.
+        ops = {
+            (q, precision, compiled): ops_per_step(
+                q,
+                TrainConfig(batch_size=args.batch_size, precision=precision, compile=compiled, device=str(device)),
+                device,
+            )
+            for q, precision, compiled in configs
         }
-        result["plain_loop_images_per_second"]["fp32 NCHW"] = plain_loop(device, args.batch_size, 20, False, "NCHW")
-        print(f"plain loop: {result['plain_loop_images_per_second']}", flush=True)
-    # fp32 and the auto precision: one precision where auto is fp32.
-    for quantized in () if args.skip_speed else (False, True):
-        for precision in dict.fromkeys(("fp32", auto)):
-            for compiled in ("off", "on"):
-                config = TrainConfig(
-                    epochs=2,
-                    batch_size=args.batch_size,
-                    precision=precision,
-                    compile=compiled,
-                    device=str(device),
-                )
-                history = train(build(quantized), speed_data, config)
-                row = {
-                    "model": "resnet20 4/4-bit (first/last 8)" if quantized else "resnet20 float",
-                    "precision": precision_name(resolve_precision(precision, device)),
-                    "compiled": compiled == "on",
-                    "images_per_second": history[-1].images_per_second,
-                    "compile_seconds": history[0].compile_seconds,
-                    "ops_per_step": ops_per_step(quantized, config, device),
-                }
-                result["speed"].append(row)
-                save()
-                print(json.dumps(row), flush=True)
+        result["plain_loop_images_per_second"] = {k: statistics.median(v) for k, v in plain_samples.items()}
+        result["plain_loop_samples"] = plain_samples
+        result["speed"] = [
+            {
+                "model": "resnet20 4/4-bit (first/last 8)" if quantized else "resnet20 float",
+                "precision": precision_name(resolve_precision(precision, device)),
+                "compiled": compiled == "on",
+                "images_per_second": statistics.median(samples[quantized, precision, compiled]),
+                "samples": samples[quantized, precision, compiled],
+                "compile_seconds": compile_seconds[quantized, precision, compiled],  # first round: cold cache
+                "ops_per_step": ops[quantized, precision, compiled],
+            }
+            for quantized, precision, compiled in configs
+        ]
+        save()
     if args.skip_recipes:
         return
     data = load_data(DataConfig(args.data))

@@ -1,8 +1,10 @@
 """Model files: everything needed to rebuild a (pruned, quantized) model without the command line.
 
 A file holds the registry name and full config (which fixes the possibly pruned architecture),
-the per-layer quantization plan, the dtype, the weights and free-form metadata. It loads with
-``torch.load(path, weights_only=True)``.
+the per-layer quantization plan, the dtype, the weights and free-form metadata. Weights that are
+exactly their quantized value (``snap_weights_``) are stored as int8 levels, which the step sizes
+stored beside them turn back into the same weights bit for bit: a 4-bit model file is about a
+quarter of its float32 size. It loads with ``torch.load(path, weights_only=True)``.
 """
 
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from microsearch.compression import apply_quant_plan_, current_plan
+from microsearch.compression import apply_quant_plan_, current_plan, set_weight_levels_, weight_levels
 from microsearch.models import create_model, model_spec
 
 FORMAT = "microsearch-model/1"
@@ -24,13 +26,15 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any] | None =
         raise ValueError(f"layers {masked[:3]} still carry pruning masks; make the pruning permanent first")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    levels = weight_levels(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in levels}
     blob = {
         "format": FORMAT,
         "model": model_spec(model),
         "quant_plan": current_plan(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "state_dict": state,
+        "weight_levels": levels,
         "meta": meta or {},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -70,12 +74,15 @@ def _rebuild(blob: dict[str, Any]) -> nn.Module:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype {blob['dtype']!r} is not a floating-point torch dtype")
     model.to(dtype)
+    levels = blob.get("weight_levels", {})
     missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
+    missing = [k for k in missing if k not in levels]
     if missing or unexpected:
         raise ValueError(
             f"its weights do not fit its model: {len(missing)} missing (e.g. {missing[:2]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
+    set_weight_levels_(model, levels)  # after the step sizes
     return model
 
 

@@ -17,7 +17,7 @@ import torch
 
 from microsearch import __version__
 from microsearch.checkpoint import load_model, save_model
-from microsearch.compression import QuantConfig, current_plan, quantize_
+from microsearch.compression import QuantConfig, current_plan, quantize_, snap_weights_
 from microsearch.evaluation import RULES, audit
 from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.plots import export_html, sweep_figure, write_html
@@ -143,6 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _log(f"resuming from {checkpoint}")
     out.mkdir(parents=True, exist_ok=True)
     history = train(model, data, train_config, progress, print_progress, checkpoint, teacher)
+    snap_weights_(model)  # what it runs on: zeros counted as zeros, stored as int8 levels
     device = resolve_device(train_config.device)
     result = evaluate(model, data.val, device, train_config.tta, train_config.precision)
     score = audit(model, rule=args.rule, passes=result.passes)

@@ -5,7 +5,7 @@ import torch
 from torch.nn.utils import prune
 
 from microsearch.checkpoint import load_model, save_model
-from microsearch.compression import QuantConfig, current_plan, quantize_
+from microsearch.compression import QuantConfig, current_plan, quantize_, snap_weights_
 from microsearch.evaluation import audit
 from microsearch.models import create_model
 
@@ -31,6 +31,36 @@ def test_round_trip_keeps_logits_architecture_bits_and_score(tmp_path):
     assert current_plan(loaded) == current_plan(model)
     assert torch.equal(loaded(x), model(x))
     assert audit(loaded).to_dict() == audit(model).to_dict()
+
+
+def test_a_snapped_model_is_stored_as_int8_levels_and_loads_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8))
+    model.train()
+    model(torch.randn(16, 3, 32, 32))
+    model.eval()
+    save_model(tmp_path / "latent.pt", model)  # latent float weights: stored as they are
+    assert torch.load(tmp_path / "latent.pt", weights_only=True)["weight_levels"] == {}
+    snap_weights_(model)
+    save_model(tmp_path / "levels.pt", model)
+    blob = torch.load(tmp_path / "levels.pt", weights_only=True)
+    weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert set(blob["weight_levels"]) == weights and not weights & set(blob["state_dict"])
+    assert all(v.dtype == torch.int8 for v in blob["weight_levels"].values())
+    size = (tmp_path / "levels.pt").stat().st_size
+    assert size < 0.4 * (tmp_path / "latent.pt").stat().st_size  # 8 of 32 bits per weight, plus the rest
+    loaded, _ = load_model(tmp_path / "levels.pt")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert audit(loaded).to_dict() == audit(model).to_dict()
+    blob["weight_levels"]["fc.weight"] = blob["weight_levels"]["fc.weight"][:, :3]
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"fc.weight: levels of shape \(10, 3\) do not fit"):
+        load_model(tmp_path / "bad.pt")
 
 
 def test_half_model_stays_half(tmp_path):

@@ -50,6 +50,9 @@ from microsearch.compression._quant import (
     quant_plan,
     quantize_,
     set_quantization_,
+    set_weight_levels_,
+    snap_weights_,
+    weight_levels,
 )
 
 __all__ = [
@@ -92,7 +95,10 @@ __all__ = [
     "remove_channels",
     "sensitivity",
     "set_quantization_",
+    "set_weight_levels_",
+    "snap_weights_",
     "sparsity",
     "thinet_prune",
     "thinet_select",
+    "weight_levels",
 ]

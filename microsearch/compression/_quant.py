@@ -142,10 +142,15 @@ class Quantizer(nn.Module):
                 self._initialize(x.detach())
             self._levels = self.levels()
         lo, hi = self._levels
-        n = x[0].numel() if self.per_sample else x.numel()
-        step = _scale_grad(self.scale.abs() + 1e-8, 1.0 / math.sqrt(n * hi))
+        step = self.step_for(x)
         scaled = torch.clamp(x.float() / step, lo, hi)
         return _ste(scaled, torch.round(scaled)), step
+
+    def step_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The step size applied to ``x``, with LSQ's gradient scale for its element count."""
+        n = x[0].numel() if self.per_sample else x.numel()
+        hi = (self._levels or self.levels())[1]  # cached: reading ``signed`` would break a compiled graph
+        return _scale_grad(self.scale.abs() + 1e-8, 1.0 / math.sqrt(n * hi))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         levels, step = self.split(x)
@@ -392,8 +397,12 @@ def clamp_binary_weights_(model: nn.Module) -> None:
             m.weight.clamp_(-1, 1)
 
 
+def _learned_weight(m: nn.Module) -> bool:
+    return isinstance(m, QUANT_LAYERS) and m.weight_quant.scale is not None
+
+
 def _learned_weight_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, QUANT_LAYERS) and m.weight_quant.scale is not None]
+    return [m for m in model.modules() if _learned_weight(m)]
 
 
 @torch.no_grad()
@@ -406,6 +415,45 @@ def bound_weight_steps_(layers: list[nn.Module]) -> None:
         if m.weight_quant.enabled:
             step = m.weight_quant.scale  # tensors only: no host-device synchronisation
             step.copy_(torch.minimum(step.clamp(min=1e-8), m.weight.detach().abs().amax().clamp(min=1e-8)))
+
+
+@torch.no_grad()
+def snap_weights_(model: nn.Module) -> None:
+    """Replace every weight with a learned step size by its quantized value (levels x step).
+
+    The model computes exactly what it did (quantizing a quantized weight returns it), and its
+    weights are what it runs on: one that quantizes to zero is a zero, for the audit's count of
+    nonzeros, and the model file stores the layer as int8 levels (``weight_levels``)."""
+    for m in _learned_weight_layers(model):
+        if m.weight_quant.enabled and bool(m.weight_quant.initialized):
+            levels, step = m.weight_quant.split(m.weight)
+            m.weight.copy_(levels * step)
+
+
+@torch.no_grad()
+def weight_levels(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{state_dict key: int8 levels}`` of the weights that are exactly their quantized value
+    (``snap_weights_``); ``set_weight_levels_`` restores them bit for bit."""
+    found = {}
+    for name, m in model.named_modules():
+        if _learned_weight(m) and bool(m.weight_quant.initialized):
+            levels, step = m.weight_quant.split(m.weight)
+            if torch.equal(levels * step, m.weight):
+                found[f"{name}.weight"] = levels.to(torch.int8).cpu()
+    return found
+
+
+@torch.no_grad()
+def set_weight_levels_(model: nn.Module, levels: dict[str, torch.Tensor]) -> None:
+    """Set the weights named in ``levels`` (from ``weight_levels``) to levels x their layer's step;
+    the step sizes must be loaded first. Fails if a weight does not quantize back to its levels."""
+    for key, stored in levels.items():
+        m = model.get_submodule(key.removesuffix(".weight"))
+        if not _learned_weight(m) or tuple(stored.shape) != tuple(m.weight.shape):
+            raise ValueError(f"{key}: levels of shape {tuple(stored.shape)} do not fit a quantized weight")
+        m.weight.copy_(stored.to(m.weight) * m.weight_quant.step_for(m.weight))
+        if not torch.equal(m.weight_quant.split(m.weight)[0], stored.to(m.weight)):
+            raise ValueError(f"{key}: the stored levels do not quantize back to themselves")
 
 
 def install_training_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> list:

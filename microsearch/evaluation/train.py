@@ -36,11 +36,12 @@ from microsearch.evaluation.loader import PAD_MODES, DeviceLoader
 SCHEDULES = ("onecycle", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE = ("auto", "on", "off")
-# torch.compile fuses the quantizers' elementwise chains. On 2 CPU cores (benchmarks/trial_speed.py)
-# it makes a 4/4-bit ResNet-20 step 2.2x faster (648 -> 1,411 images/s at batch 256: 0.21 s saved
-# per step) for 41-51 s of compilation with a cold cache, which pays back after ~250 steps; a float
-# model runs slower compiled. So "auto" compiles models with learned-step quantizers, for runs of at
-# least this many steps.
+# torch.compile fuses the quantizers' elementwise chains. On 2 CPU cores (benchmarks/trial_speed.py,
+# medians of three interleaved rounds) it makes a 4/4-bit ResNet-20 step 2.1x faster (393 -> 810
+# images/s at batch 256: 0.33 s saved per step) for ~70 s of compilation with a cold cache, which
+# pays back after ~220 steps; a float model gains 0-7% (893 -> 952), which repays its ~45 s only
+# after ~2,500 steps. So "auto" compiles models with learned-step quantizers, for runs of at least
+# this many steps.
 COMPILE_MIN_STEPS = 300
 PROGRESS_SECONDS = 2.0  # between two ``on_progress`` calls
 # Set by the command line's SIGINT / SIGTERM handler. The KeyboardInterrupt that handler raises can

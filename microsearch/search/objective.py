@@ -19,7 +19,14 @@ from torch import nn
 
 from microsearch import code_version
 from microsearch.checkpoint import save_model
-from microsearch.compression import FILTER_PRUNERS, FilterContext, make_permanent_, prune_layers_, quantize_
+from microsearch.compression import (
+    FILTER_PRUNERS,
+    FilterContext,
+    make_permanent_,
+    prune_layers_,
+    quantize_,
+    snap_weights_,
+)
 from microsearch.evaluation import Score, audit
 from microsearch.evaluation.data import Dataset
 from microsearch.evaluation.loader import sample_images
@@ -61,7 +68,8 @@ def train_and_compress(
     init: nn.Module | None = None,
 ) -> nn.Module:
     """Build the planned model, train it quantization-aware, remove filters, zero weights,
-    fine-tune with the masks fixed and make the pruning permanent. With ``checkpoints`` (a
+    fine-tune with the masks fixed, make the pruning permanent and set each quantized weight to
+    its quantized value (``snap_weights_``). With ``checkpoints`` (a
     folder), both trainings resume after their last finished epoch; pruning is deterministic.
     ``teacher``: the study's distillation teacher (when the plan distils). ``finetune_epochs``
     overrides the study's (a retrain's budget). ``init``: a trained float network with the
@@ -90,6 +98,7 @@ def train_and_compress(
         checkpoint = checkpoints and checkpoints / "finetune.pt"
         train(model, data, tune, on_finetune_epoch, print_progress, checkpoint, teacher)
     make_permanent_(model)
+    snap_weights_(model)  # what it runs on: zeros counted as zeros, stored as int8 levels
     return model
 
 

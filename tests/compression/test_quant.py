@@ -15,6 +15,8 @@ from microsearch.compression import (
     quant_plan,
     quantize_,
     set_quantization_,
+    snap_weights_,
+    weight_levels,
 )
 from microsearch.models import create_model
 
@@ -353,3 +355,38 @@ def test_2_bit_activations_are_unsigned_after_relu_and_use_all_four_levels(block
         else:
             assert used == {0.0, 1.0, 2.0, 3.0}, name
         assert step > 0
+
+
+def _calibrated_4_bit_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model("resnet", width=8, blocks=(1, 1, 1))
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8))
+    model.train()
+    model(torch.randn(16, 3, 32, 32))  # calibrates the quantizers
+    return model.eval()
+
+
+def test_snapped_weights_compute_the_same_and_their_zeros_count_as_zeros():
+    from microsearch.evaluation import audit
+
+    model = _calibrated_4_bit_resnet()
+    x = torch.randn(4, 3, 32, 32)
+    layers = [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    with torch.no_grad():
+        before = model(x)
+        rounded_to_zero = sum(int((m.weight_quant(m.weight) == 0).sum()) for m in layers)
+    assert all(int((m.weight == 0).sum()) == 0 for m in layers)  # the latent weights: no zero
+    weights = sum(m.weight.numel() for m in layers)
+    assert 0.1 * weights < rounded_to_zero < 0.9 * weights
+    nonzero = audit(model).nonzero_params
+    snap_weights_(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # the same function, bit for bit
+    assert audit(model).nonzero_params == nonzero - rounded_to_zero
+    for m in layers:
+        levels, step = m.weight_quant.split(m.weight)
+        assert torch.equal(levels * step, m.weight)  # every weight is a level times the step
+    snapped = {k: v.clone() for k, v in model.state_dict().items()}
+    snap_weights_(model)  # idempotent
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in snapped.items())
+    assert set(weight_levels(model)) == {f"{n}.weight" for n, m in model.named_modules() if m in layers}

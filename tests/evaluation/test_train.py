@@ -153,6 +153,9 @@ def test_a_quantized_model_scores_the_same_accuracy_in_bf16_and_fp32(small_data)
 
 
 def test_compiled_and_eager_training_learn_alike(small_data):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     results = {}
     for mode in ("off", "on"):
         torch.manual_seed(0)
@@ -161,6 +164,11 @@ def test_compiled_and_eager_training_learn_alike(small_data):
         results[mode] = history
     assert results["on"][0].compile_seconds > 0 and results["off"][0].compile_seconds == 0
     assert results["on"][-1].train_loss == pytest.approx(results["off"][-1].train_loss, rel=0.05)
+    # One graph per phase: a graph break (a host read such as ``bool(tensor)`` in a quantizer)
+    # splits the step into a graph per layer, which recompiles per layer until Dynamo gives up
+    # and runs the rest eagerly, at half the speed. The fast recipe's float warm-up switches once.
+    train(_quantized(4), small_data, TrainConfig(epochs=4, batch_size=64, recipe="fast", compile="on"))
+    assert dict(counters["graph_break"]) == {}
 
 
 def test_compile_falls_back_to_eager_with_one_warning(small_data, monkeypatch):

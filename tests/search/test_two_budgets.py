@@ -14,6 +14,7 @@ from microsearch.evaluation.train import evaluate
 from microsearch.search import describe, load_study, open_study, starting_points, suggest
 from microsearch.search.objective import start_from, train_and_compress
 from microsearch.search.teacher import ensure_teacher, teacher_path
+from tests.helpers import assert_started_from
 
 retrain_module = importlib.import_module("microsearch.search.retrain")  # the package exports the function
 DISTIL = [
@@ -162,8 +163,7 @@ def test_candidates_with_the_teachers_layers_start_from_its_weights(tiny_study, 
     data = load_data(study.data)
     started = train_and_compress(slow, study, data, teacher=teacher, init=teacher)
     scratch = train_and_compress(slow, study, data, teacher=teacher)
-    for name, weight in teacher.named_parameters():
-        torch.testing.assert_close(started.get_parameter(name), weight, atol=1e-4, rtol=0)
+    assert_started_from(started, teacher)
     assert (scratch.get_parameter("stem.0.weight") - teacher.stem[0].weight).abs().max() > 1e-3  # 2 epochs apart
 
     assert main(["search", str(path), "--n-trials", "1", *(f"--set={s}" for s in init)]) == 0
