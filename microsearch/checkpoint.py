@@ -4,7 +4,7 @@ A file holds the registry name and full config (which fixes the possibly pruned 
 the per-layer quantization plan, the dtype, the weights and free-form metadata. Weights that are
 exactly their quantized value (``snap_weights_``) are stored as int8 levels, which the step sizes
 stored beside them turn back into the same weights bit for bit: a 4-bit model file is about a
-quarter of its float32 size. It loads with ``torch.load(path, weights_only=True)``.
+third of its float32 size. It loads with ``torch.load(path, weights_only=True)``.
 """
 
 from pathlib import Path

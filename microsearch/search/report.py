@@ -104,7 +104,8 @@ def sections(study: StudyConfig, optuna_study: optuna.Study, sweeps: Path | None
                     (f"Validation accuracy {val:.2%} ({card['data']['val_images']:,} held-out images); " if val else "")
                     + f"test accuracy {test_accuracy(card)}.",
                     f"Score {score_terms(a)} ({card['rule']}); {counts(a)}. The table gives every layer's "
-                    "parameters, nonzero parameters, sparsity, weight/activation bits and operations.",
+                    "parameters, nonzero parameters, sparsity (pruned weights and quantized weights that "
+                    "round to zero), weight/activation bits and operations.",
                     f"Retrained {training_words(card)}, on {card['data']['train_images']:,} images "
                     f"in {card['seconds']:.0f} s on {card['device']} ({card['precision']}). "
                     f"At search time the trial had {card['search']['val_acc']:.2%} validation "
