@@ -451,8 +451,9 @@ def set_weight_levels_(model: nn.Module, levels: dict[str, torch.Tensor]) -> Non
         m = model.get_submodule(key.removesuffix(".weight"))
         if not _learned_weight(m) or tuple(stored.shape) != tuple(m.weight.shape):
             raise ValueError(f"{key}: levels of shape {tuple(stored.shape)} do not fit a quantized weight")
-        m.weight.copy_(stored.to(m.weight) * m.weight_quant.step_for(m.weight))
-        if not torch.equal(m.weight_quant.split(m.weight)[0], stored.to(m.weight)):
+        values = stored.to(m.weight)
+        m.weight.copy_(values * m.weight_quant.step_for(m.weight))
+        if not torch.equal(m.weight_quant.split(m.weight)[0], values):
             raise ValueError(f"{key}: the stored levels do not quantize back to themselves")
 
 
