@@ -10,7 +10,9 @@ One run, one JSON file:
    (auto = fp32), only fp32 is measured, and the plain loop in both precisions shows why.
 2. Operations dispatched per training step (torch profiler: aten operations not called by another).
 3. Validation accuracy after ``--epochs`` epochs on ``--data`` for the 4/4-bit ResNet-20 trained
-   with each recipe, same seed and data.
+   with each recipe (at the recipe's own batch size and translation), same seed and data.
+   ``--recipes baseline`` and ``--recipes fast`` with ``--threads 1`` run two recipes side by side
+   on two cores.
 
     python benchmarks/trial_speed.py --data imagefolder:~/data/cifar10-jpeg \
         --out benchmarks/results/trial_speed_cpu.json
@@ -21,7 +23,6 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -115,12 +116,20 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs of the recipe comparison")
     p.add_argument("--speed-images", type=int, default=6144, help="training images per epoch of the speed runs")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the speed runs (medians)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="batch of the speed runs (recipes use their own)")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-recipes", action="store_true", help="only measure speed")
     p.add_argument("--skip-speed", action="store_true", help="only compare the recipes")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes to compare")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        p.error(f"unknown recipe {unknown[0]!r}; use some of {', '.join(RECIPES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     auto = precision_name(resolve_precision("auto", device))
     result = {
@@ -198,13 +207,13 @@ def main() -> None:
     if args.skip_recipes:
         return
     data = load_data(DataConfig(args.data))
-    base = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, device=str(device))
-    for recipe in RECIPES:
+    for recipe in recipes:
         start = time.perf_counter()
+        config = TrainConfig(epochs=args.epochs, recipe=recipe, device=str(device))  # the recipe's batch size
         history = train(
             build(True),
             data,
-            replace(base, recipe=recipe),
+            config,
             on_epoch=lambda s, r=recipe: print(
                 f"{r} epoch {s.epoch}: val {s.val_acc:.2%} {s.seconds:.0f}s", flush=True
             ),
@@ -214,6 +223,9 @@ def main() -> None:
             "model": "resnet20 4/4-bit (first/last 8)",
             "data": args.data,
             "epochs": args.epochs,
+            "batch_size": config.batch_size,
+            "crop": config.crop,
+            "threads": torch.get_num_threads(),
             "val_acc": history[-1].val_acc,
             "val_acc_per_epoch": [h.val_acc for h in history],
             "seconds": time.perf_counter() - start,

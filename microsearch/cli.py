@@ -560,7 +560,7 @@ def _build_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for model.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, help="default: the recipe's (baseline 256, fast 128)")
     p.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
     p.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (2 passes, scored)")

@@ -1,12 +1,12 @@
 """The methodology of a study in words and tables: the dashboard note and the report share it."""
 
-from microsearch.evaluation.train import RECIPES
+from microsearch.evaluation.train import RECIPES, TrainConfig
 from microsearch.search.study import StudyConfig
 
 
 def recipe_text(name: str) -> str:
     """What a training recipe adds to the plain loop, in words, from its definition."""
-    r = RECIPES[name]
+    r, base = RECIPES[name], RECIPES["baseline"]
     parts = []
     if r.ema_halflife:
         parts.append(f"an EMA of the weights (half-life {r.ema_halflife} epochs, validated and kept)")
@@ -16,6 +16,8 @@ def recipe_text(name: str) -> str:
         parts.append("alternating flip")
     if r.float_warmup:
         parts.append(f"the first {r.float_warmup:.0%} of the epochs in float, then quantizers from the trained weights")
+    if r.batch_size != base.batch_size:
+        parts.append(f"batch {r.batch_size} unless the budget sets one")
     return f"recipe {name}" + (": " + ", ".join(parts) if parts else " (nothing more)") + "."
 
 
@@ -92,10 +94,11 @@ def space_rows(study: StudyConfig) -> list[tuple[str, str]]:
 
 def recipe(study: StudyConfig) -> str:
     b, c, p = study.budget, study.compression, study.pruner
+    batch = TrainConfig(batch_size=b.batch_size, recipe=b.recipe).batch_size  # the budget's, or the recipe's
     return (
         f"Each trial builds a CIFAR ResNet with quantization-aware layers (LSQ step sizes, straight-through "
         f"estimator; biases and BatchNorm at 16 bits) and trains it for {b.epochs} epochs: SGD with Nesterov "
-        f"momentum, one-cycle learning rate, batch {b.batch_size}, random crop (padding 4) and horizontal flip, "
+        f"momentum, one-cycle learning rate, batch {batch}, random crop (padding 4) and horizontal flip, "
         f"plus the sampled cutout, mixup and label smoothing; {recipe_text(b.recipe)} Training runs at the "
         f"{study.precision} precision (auto: bf16 where the hardware runs it natively; quantized layers are "
         f"exact in either). It then removes filters ({c.structured}), zeroes "

@@ -88,16 +88,19 @@ class BudgetConfig:
     finetune_lr: float = 0.02  # peak learning rate of that retraining
     trials: int = 50  # trials per worker
     timeout: float | None = None  # seconds per worker; None: no limit
-    batch_size: int = 256
+    batch_size: int | None = None  # None: the recipe's (baseline 256, fast 128)
     tta: bool = False  # flip test-time augmentation (its second pass is scored)
     recipe: str = "baseline"  # training recipe, a name in microsearch.evaluation.train.RECIPES
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {list(RECIPES)}, got {self.recipe!r}")
-        for name in ("epochs", "trials", "batch_size"):
+        for name in ("epochs", "trials"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        b = self.batch_size
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise ValueError(f"batch_size must be an integer >= 1 (or absent: the recipe's), got {b!r}")
         if self.finetune_epochs < 0:
             raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         if self.finetune_lr <= 0:

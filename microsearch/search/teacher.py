@@ -30,7 +30,7 @@ from microsearch.search.study import StudyConfig
 
 def teacher_config(study: StudyConfig) -> dict:
     """What defines the teacher (the cache key is its hash)."""
-    d = study.distill
+    d, config = study.distill, _train_config(study)
     data = {k: v for k, v in asdict(study.data).items() if k != "cache_dir"}
     return {
         "model": d.teacher,
@@ -38,10 +38,24 @@ def teacher_config(study: StudyConfig) -> dict:
         "epochs": d.teacher_epochs,
         "recipe": d.teacher_recipe,
         "lr": d.teacher_lr,
-        "batch_size": study.budget.batch_size,
+        "batch_size": config.batch_size,  # as resolved: a recipe's may change
         "seed": study.seed,
         "data": data,
     }
+
+
+def _train_config(study: StudyConfig) -> TrainConfig:
+    d = study.distill
+    return TrainConfig(
+        epochs=d.teacher_epochs,
+        batch_size=study.budget.batch_size,
+        lr=d.teacher_lr,
+        recipe=d.teacher_recipe,
+        precision=study.precision,
+        compile=study.compile,
+        seed=study.seed,
+        device=study.device,
+    )
 
 
 def teacher_path(study: StudyConfig) -> Path:
@@ -93,16 +107,7 @@ def _check_split(study: StudyConfig, path: Path, meta: dict) -> None:
 
 def _train_teacher(study: StudyConfig, path: Path, data: Dataset, log: Callable[[str], None]) -> None:
     d = study.distill
-    config = TrainConfig(
-        epochs=d.teacher_epochs,
-        batch_size=study.budget.batch_size,
-        lr=d.teacher_lr,
-        recipe=d.teacher_recipe,
-        precision=study.precision,
-        compile=study.compile,
-        seed=study.seed,
-        device=study.device,
-    )
+    config = _train_config(study)
     checkpoint = path.parent / "train.ckpt"
     log(
         f"[teacher] training {d.teacher} for {d.teacher_epochs} epochs on {len(data.train)} images"

@@ -105,11 +105,18 @@ def test_nan_loss_stops_training_with_a_reason(small_data):
         ({"schedule": "step"}, "schedule"),
         ({"lr": -1}, "lr"),
         ({"cutout": 40}, "cutout"),
+        ({"recipe": "slow"}, "recipe"),
+        ({"batch_size": 0}, "batch_size"),
     ],
 )
 def test_bad_train_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         TrainConfig(**kwargs)
+
+
+def test_a_recipe_sets_the_batch_size_unless_the_config_names_one():
+    assert (TrainConfig().batch_size, TrainConfig(recipe="fast").batch_size) == (256, 128)
+    assert TrainConfig(recipe="fast", batch_size=512).batch_size == 512
 
 
 def test_unavailable_device_is_refused():

@@ -4,7 +4,7 @@ import pytest
 from microsearch.compression import compute_layers
 from microsearch.evaluation.data import load_data
 from microsearch.models import create_model
-from microsearch.search import load_study, starting_points, suggest
+from microsearch.search import StudyError, load_study, starting_points, suggest
 from microsearch.search.objective import train_and_compress
 from microsearch.search.space import MODEL
 
@@ -44,6 +44,16 @@ def test_plan_values_come_from_the_trial(tiny_study):
     assert plan.filters["stages.1.0"] == trial.params["s1b0_filters"]
     assert plan.sparsity["stages.0.0.conv1.0"] == trial.params["s0b0_sparsity"]
     assert plan.quant.first_last_bits == 8 and plan.train.lr == trial.params["lr"]
+
+
+def test_a_trial_trains_at_the_budgets_batch_size_or_else_its_recipes(tiny_study):
+    assert _sample(load_study(tiny_study(), ["budget.recipe='fast'"]))[1].train.batch_size == 50  # the file's
+    path = tiny_study()
+    path.write_text(path.read_text().replace("batch_size = 50\n", "", 1))
+    assert _sample(load_study(path))[1].train.batch_size == 256
+    assert _sample(load_study(path, ["budget.recipe='fast'"]))[1].train.batch_size == 128
+    with pytest.raises(StudyError, match=r"batch_size must be an integer >= 1 \(or absent: the recipe's\), got 'x'"):
+        load_study(tiny_study(), ["budget.batch_size='x'"])
 
 
 def test_a_stored_trial_rebuilds_exactly(tiny_study):
