@@ -8,5 +8,5 @@ def assert_started_from(trained: nn.Module, start: nn.Module) -> None:
     for name, weight in start.named_parameters():
         layer = trained.get_submodule(name.rpartition(".")[0])
         quantizer = layer.weight_quant if name.endswith(".weight") else layer.bias_quant
-        half_step = 0 if quantizer.scale is None else float(quantizer.scale.abs()) / 2
+        half_step = 0 if quantizer.scale is None else quantizer.scale.detach().abs().item() / 2
         torch.testing.assert_close(trained.get_parameter(name), weight, atol=half_step + 1e-4, rtol=0, msg=name)
