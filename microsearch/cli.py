@@ -425,7 +425,7 @@ def _add_speed_args(p: argparse.ArgumentParser, default: str | None = "auto") ->
         "--compile",
         choices=COMPILE,
         default=default,
-        help="torch.compile the training step (auto: quantized models on long enough runs)",
+        help="torch.compile the training step (auto: on runs long enough to repay it)",
     )
 
 

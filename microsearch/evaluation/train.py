@@ -36,13 +36,17 @@ from microsearch.evaluation.loader import PAD_MODES, DeviceLoader
 SCHEDULES = ("onecycle", "cosine")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE = ("auto", "on", "off")
-# torch.compile fuses the quantizers' elementwise chains. On 2 CPU cores (benchmarks/trial_speed.py,
-# medians of three interleaved rounds) it makes a 4/4-bit ResNet-20 step 2.1x faster (393 -> 810
-# images/s at batch 256: 0.33 s saved per step) for ~70 s of compilation with a cold cache, which
-# pays back after ~220 steps; a float model gains 0-7% (893 -> 952), which repays its ~45 s only
-# after ~2,500 steps. So "auto" compiles models with learned-step quantizers, for runs of at least
-# this many steps.
+# torch.compile fuses elementwise chains (the quantizers'; BatchNorm, ReLU, additions). On 2 CPU cores
+# (benchmarks/trial_speed.py, medians of three interleaved rounds) it makes a 4/4-bit ResNet-20 step
+# 2.1x faster (393 -> 810 images/s at batch 256 on AMD EPYC: 0.33 s saved per step) for ~70 s of
+# compilation with a cold cache, which pays back after ~220 steps. What a float model gains depends
+# on the CPU: 7-16% on AMD EPYC (893 -> 952 and 802 -> 931 in two runs, repaying ~45 s of
+# compilation after ~2,500 and ~1,000 steps), 26% on an Intel Xeon with AMX, where the convolutions
+# are fast and the elementwise work is what is left (580 -> 732; 90 s repaid after ~1,000 steps).
+# So "auto" compiles models with learned-step quantizers for runs of at least COMPILE_MIN_STEPS
+# steps, and float models for runs of at least COMPILE_MIN_STEPS_FLOAT (a teacher, a final model).
 COMPILE_MIN_STEPS = 300
+COMPILE_MIN_STEPS_FLOAT = 2500
 PROGRESS_SECONDS = 2.0  # between two ``on_progress`` calls
 # Set by the command line's SIGINT / SIGTERM handler. The KeyboardInterrupt that handler raises can
 # land in a weakref callback (torch.compile keeps many), where Python swallows it; the loop checks
@@ -104,7 +108,7 @@ class TrainConfig:
     # from trained float weights (quantization-aware fine-tuning).
     float_warmup: bool = True
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 where the hardware runs it natively)
-    compile: str = "auto"  # auto | on | off (auto: quantized models, runs of COMPILE_MIN_STEPS steps)
+    compile: str = "auto"  # auto | on | off (auto: runs of COMPILE_MIN_STEPS(_FLOAT) steps)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -298,7 +302,7 @@ class _EMA:
 def _should_compile(config: TrainConfig, model: nn.Module, steps: int) -> bool:
     if config.compile != "auto":
         return config.compile == "on"
-    return bool(learned_quantizers(model)) and steps >= COMPILE_MIN_STEPS
+    return steps >= (COMPILE_MIN_STEPS if learned_quantizers(model) else COMPILE_MIN_STEPS_FLOAT)
 
 
 def _compiled(model: nn.Module, on: bool) -> nn.Module:

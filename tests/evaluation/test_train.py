@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -176,6 +177,27 @@ def test_compiled_and_eager_training_learn_alike(small_data):
     # and runs the rest eagerly, at half the speed. The fast recipe's float warm-up switches once.
     train(_quantized(4), small_data, TrainConfig(epochs=4, batch_size=64, recipe="fast", compile="on"))
     assert dict(counters["graph_break"]) == {}
+
+
+def test_auto_compiles_quantized_models_on_short_runs_and_float_models_on_long_ones(small_data, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    steps = len(small_data.train) // 400  # one epoch at batch 400
+    config = TrainConfig(epochs=1, batch_size=400, lr=0.1, precision="fp32")
+
+    def compiles(model: nn.Module, quantized_min: int, float_min: int, mode: str = "auto") -> bool:
+        monkeypatch.setattr(train_module, "COMPILE_MIN_STEPS", quantized_min)
+        monkeypatch.setattr(train_module, "COMPILE_MIN_STEPS_FLOAT", float_min)
+        compiled.clear()
+        train(model, small_data, replace(config, compile=mode))
+        return bool(compiled)
+
+    def float_model() -> nn.Module:
+        return create_model("resnet", width=8, blocks=(1, 1, 1))
+
+    assert compiles(_quantized(), steps, steps + 1) and not compiles(float_model(), steps, steps + 1)
+    assert not compiles(_quantized(), steps + 1, steps) and compiles(float_model(), steps + 1, steps)
+    assert not compiles(_quantized(), steps, steps, mode="off") and compiles(float_model(), 10**6, 10**6, mode="on")
 
 
 def test_compile_falls_back_to_eager_with_one_warning(small_data, monkeypatch):
