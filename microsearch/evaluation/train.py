@@ -44,7 +44,7 @@ COMPILE = ("auto", "on", "off")
 # compilation after ~2,500 and ~1,000 steps), 26% on an Intel Xeon with AMX, where the convolutions
 # are fast and the elementwise work is what is left (580 -> 732; 90 s repaid after ~1,000 steps).
 # So "auto" compiles models with learned-step quantizers for runs of at least COMPILE_MIN_STEPS
-# steps, and float models for runs of at least COMPILE_MIN_STEPS_FLOAT (a teacher, a final model).
+# steps, and float models for runs of at least COMPILE_MIN_STEPS_FLOAT (a teacher, a long float run).
 COMPILE_MIN_STEPS = 300
 COMPILE_MIN_STEPS_FLOAT = 2500
 PROGRESS_SECONDS = 2.0  # between two ``on_progress`` calls
