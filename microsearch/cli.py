@@ -2,6 +2,7 @@
 
 import argparse
 import ast
+import contextlib
 import json
 import signal
 import sys
@@ -17,7 +18,7 @@ import torch
 
 from microsearch import __version__
 from microsearch.checkpoint import load_model, save_model
-from microsearch.compression import QuantConfig, current_plan, quantize_, snap_weights_
+from microsearch.compression import QuantConfig, apply_quant_plan_, current_plan, quantize_, snap_weights_
 from microsearch.evaluation import RULES, audit
 from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.plots import export_html, sweep_figure, write_html
@@ -120,8 +121,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
     if args.init:
         start, _ = load_model(args.init)
-        if current_plan(start) or not same_layers(model, start):
-            raise ValueError(f"--init {args.init} is not a float model with the layers of this --model and --model-arg")
+        plan = current_plan(start)  # empty for a float model; a quantized one trains on at its own bits
+        if plan and (args.weight_bits or args.act_bits):
+            raise ValueError(
+                f"--init {args.init} is quantized already and trains on at its own bits: drop --weight-bits/--act-bits"
+            )
+        with contextlib.suppress(AttributeError, ValueError):  # a layer missing or of another kind: caught below
+            apply_quant_plan_(model, plan)
+        if not same_layers(model, start):
+            raise ValueError(f"--init {args.init} does not have the layers of this --model and --model-arg")
         model.load_state_dict(start.state_dict())
         train_config = replace(train_config, float_warmup=False)  # trained weights: quantized from epoch 1
     if args.weight_bits or args.act_bits:
@@ -167,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train": asdict(train_config),
         "history": [asdict(h) for h in history],
         "teacher": None if teacher is None else {"file": args.teacher, "val_acc": teacher_meta.get("val_acc")},
-        "init": args.init,  # the float model whose weights it started from, if any
+        "init": args.init,  # the saved model whose weights it started from, if any
         "version": __version__,
         "command": " ".join(sys.argv),
     }
@@ -574,7 +582,8 @@ def _build_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--init",
         metavar="MODEL.pt",
-        help="start from this float model's weights (same layers), quantized from the first epoch",
+        help="start from this saved model's weights (same layers): a float model is quantized from the first "
+        "epoch, a quantized one trains on at its own bits and step sizes",
     )
     p.add_argument(
         "--set",

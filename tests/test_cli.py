@@ -5,6 +5,7 @@ import torch
 
 from microsearch.checkpoint import load_model, save_model
 from microsearch.cli import main
+from microsearch.compression import current_plan
 from microsearch.evaluation import audit
 from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.train import evaluate
@@ -212,19 +213,33 @@ def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsy
     assert code == 2 and "has no test split; use --split val" in err
 
 
-def test_train_init_starts_from_a_float_models_weights_and_refuses_others(capsys, tmp_path):
+def test_train_init_starts_from_a_float_or_quantized_model_and_refuses_others(capsys, tmp_path):
     base = ["train", "--data", "synthetic:300", "--val-size", "100", "--model", "resnet", "--model-arg", "width=4"]
     base += ["--model-arg", "blocks=1,1,1", "--batch-size", "50", "--epochs", "1"]
     assert main([*base, "--out", str(tmp_path / "float")]) == 0
     start = str(tmp_path / "float" / "model.pt")
-    quantized = [*base, "--weight-bits", "8", "--act-bits", "8", "--lr", "1e-6"]
+    quantized = [*base, "--weight-bits", "4", "--act-bits", "4", "--first-last-bits", "8", "--lr", "1e-6"]
     assert main([*quantized, "--init", start, "--out", str(tmp_path / "q")]) == 0
     init, _ = load_model(start)
     tuned, meta = load_model(tmp_path / "q" / "model.pt")
     assert meta["init"] == start and meta["train"]["float_warmup"] is False
     assert_started_from(tuned, init)
+    q_start = str(tmp_path / "q" / "model.pt")  # a quantized model trains on at its own bits
+    assert main([*base, "--lr", "0.05", "--init", q_start, "--out", str(tmp_path / "qq")]) == 0
+    again, meta = load_model(tmp_path / "qq" / "model.pt")
+    assert meta["init"] == q_start and current_plan(again) == current_plan(tuned)
+    weight_bits = [bits["weight"] for bits in current_plan(again).values()]
+    assert sorted(set(weight_bits)) == [4, 8, 16]  # convs and the linear layer; BatchNorm at 16 bits
+    steps = {n: b for n, b in tuned.state_dict().items() if n.endswith("weight_quant.scale")}
+    assert len(steps) == sum(b <= 8 for b in weight_bits) and all(b.item() > 0 for b in steps.values())
+    assert any(not torch.equal(again.state_dict()[n], b) for n, b in steps.items())  # trained on, not reset
     capsys.readouterr()
-    for bad in (str(tmp_path / "q" / "model.pt"), start):  # quantized; then other layers (width 8)
-        extra = ["--model-arg", "width=8"] if bad == start else []
-        assert main([*quantized, *extra, "--init", bad, "--out", str(tmp_path / "x")]) == 2
-        assert "is not a float model with the layers of this --model and --model-arg" in capsys.readouterr().err
+    other = "does not have the layers of this --model and --model-arg"
+    refusals = [
+        ([*quantized, "--init", q_start], "is quantized already and trains on at its own bits"),
+        ([*base, "--model-arg", "width=8", "--init", start], other),
+        ([*base, "--model-arg", "width=8", "--init", q_start], other),
+    ]
+    for argv, message in refusals:
+        assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
