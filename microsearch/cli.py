@@ -577,7 +577,8 @@ def _build_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--teacher",
         metavar="MODEL.pt",
-        help="distil from this trained model (loss weight 0.9 unless --set distill=W; --set temperature=T)",
+        help="distil from this trained model (loss weight 0.9 unless --set distill=W; --set temperature=T; "
+        "--set teacher_tta=True: soft labels from its mean logits on the image and its mirror)",
     )
     p.add_argument(
         "--init",

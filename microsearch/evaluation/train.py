@@ -99,6 +99,7 @@ class TrainConfig:
     mixup: float = 0.0  # alpha of the Beta(alpha, alpha) mixing weight; 0 disables
     distill: float = 0.0  # weight of the distillation loss (the rest on the labels); needs a teacher
     temperature: float = 4.0  # softmax temperature of the distillation loss
+    teacher_tta: bool = False  # soft labels from the teacher's mean logits on the image and its mirror
     crop: int = 4  # random-crop padding in pixels; 0 disables
     flip: bool = True
     cutout: int = 0  # cutout square side in pixels; 0 disables
@@ -129,6 +130,7 @@ class TrainConfig:
             "mixup": self.mixup >= 0,
             "distill": 0 <= self.distill <= 1,
             "temperature": self.temperature > 0,
+            "teacher_tta": isinstance(self.teacher_tta, bool),
             "crop": self.crop >= 0,
             "cutout": 0 <= self.cutout <= 32,
             "precision": self.precision in PRECISIONS,
@@ -439,6 +441,8 @@ def train(
                 if config.distill:
                     with torch.no_grad():
                         soft = teacher(x_in)
+                        if config.teacher_tta:
+                            soft = (soft + teacher(x_in.flip(3))) / 2
                     loss = (1 - config.distill) * loss + config.distill * distillation_loss(
                         logits, soft, config.temperature
                     )

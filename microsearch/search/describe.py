@@ -54,6 +54,7 @@ def distillation(study: StudyConfig) -> str:
         f"Trials and the retrain distil from {teacher}; "
         f"loss = (1 - w) x cross-entropy + w x T^2 x KL(teacher || student) at temperature T "
         f"(w in {list(d.weight)}, T in {list(d.temperature)}). The teacher is not part of the scored model."
+        + (" Its soft labels are its mean logits on each image and its mirror." if d.tta else "")
         + (
             " Candidates whose float network has exactly the teacher's layers start from its trained "
             "weights and train quantized from the first epoch (no float warm-up)."

@@ -289,6 +289,7 @@ def training_words(card: dict) -> str:
         f"{budget['epochs']} epochs + {budget['finetune_epochs']} fine-tuning epochs after compression "
         f"(recipe {budget['recipe']}, peak learning rate {budget['lr']:g})"
         + (f", distilled from {teacher['model']} ({teacher['val_acc']:.2%} validation)" if teacher else "")
+        + (" over each image and its mirror" if teacher and teacher.get("tta") else "")
         + (", started from the teacher's float weights" if card.get("init") == "teacher" else "")
     )
 

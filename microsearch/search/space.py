@@ -95,6 +95,7 @@ def suggest(trial: optuna.trial.BaseTrial, study: StudyConfig) -> TrialPlan:
         cutout=trial.suggest_int("cutout", *space.cutout),
         distill=_float(trial, "distill", distill.weight) if distill.enabled else 0.0,
         temperature=_float(trial, "temperature", distill.temperature) if distill.enabled else 4.0,
+        teacher_tta=distill.tta,
         tta=budget.tta,
         recipe=budget.recipe,
         precision=study.precision,

@@ -139,6 +139,7 @@ class DistillConfig:
     teacher_lr: float = 0.2
     weight: tuple[float, float] = (0.9, 0.9)  # of the distillation loss (searched if low < high)
     temperature: tuple[float, float] = (4.0, 4.0)  # (searched if low < high)
+    tta: bool = False  # soft labels from the teacher's mean logits on the image and its mirror
     # Candidates whose float network has exactly the teacher's layers start from its trained
     # weights (quantization-aware fine-tuning, no float warm-up); the others train from scratch.
     init: bool = False
@@ -148,6 +149,8 @@ class DistillConfig:
             raise ValueError(f"teacher_args must be a table, got {self.teacher_args!r}")
         if self.teacher and self.teacher_file:
             raise ValueError("give teacher (a model to train once) or teacher_file (a saved model), not both")
+        if self.tta and not self.enabled:
+            raise ValueError("tta = true averages the teacher over the mirror: give teacher or teacher_file")
         if self.init and not self.enabled:
             raise ValueError("init = true starts candidates from the teacher's weights: give teacher or teacher_file")
         if self.teacher_file and not Path(self.teacher_file).expanduser().is_file():

@@ -142,5 +142,6 @@ def teacher_record(study: StudyConfig, meta: dict) -> dict:
         "args": d.teacher_args if d.teacher else {},
         "epochs": d.teacher_epochs if d.teacher else trained.get("epochs"),
         "val_acc": meta["val_acc"],
+        "tta": d.tta,  # soft labels from its mean logits on the image and its mirror
         "file": str(teacher_path(study)),
     }

@@ -339,6 +339,35 @@ def test_a_student_distilled_alone_follows_its_teacher_not_the_labels(small_data
     assert (plain.eval()(x).argmax(1) == 0).float().mean() < 0.5
 
 
+class _Recording(nn.Module):
+    """A teacher that keeps every batch it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _always_class_0()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.net(x)
+
+
+@pytest.mark.parametrize("teacher_tta", [False, True])
+def test_the_teacher_sees_each_batch_and_with_teacher_tta_its_mirror(small_data, teacher_tta):
+    teacher = _Recording()
+    config = TrainConfig(epochs=1, batch_size=400, lr=0.1, distill=0.5, teacher_tta=teacher_tta, compile="off")
+    train(create_model("resnet", width=2, blocks=(1, 1, 1)), small_data, config, teacher=teacher)
+    steps = len(small_data.train) // 400
+    if not teacher_tta:
+        assert len(teacher.seen) == steps
+        return
+    assert len(teacher.seen) == 2 * steps
+    assert all(torch.equal(m, x.flip(3)) for x, m in zip(teacher.seen[::2], teacher.seen[1::2]))
+    assert not torch.equal(teacher.seen[0], teacher.seen[1])  # a real mirror, not the same batch twice
+    with pytest.raises(ValueError, match="teacher_tta"):
+        TrainConfig(teacher_tta="yes")
+
+
 def test_distillation_without_a_teacher_is_refused(small_data):
     with pytest.raises(ValueError, match="needs a teacher"):
         train(create_model("resnet", width=2, blocks=(1, 1, 1)), small_data, TrainConfig(epochs=1, distill=0.5))

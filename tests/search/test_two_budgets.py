@@ -169,3 +169,21 @@ def test_candidates_with_the_teachers_layers_start_from_its_weights(tiny_study, 
     assert main(["search", str(path), "--n-trials", "1", *(f"--set={s}" for s in init)]) == 0
     (trial,) = open_study(study).trials  # the built-in starting point: the teacher's layers
     assert trial.user_attrs["init"] == "teacher" and trial.params["width"] == 4
+
+
+def test_distill_tta_gives_trials_the_teachers_mean_over_the_mirror(tiny_study):
+    path = tiny_study()
+    plain, mirrored = load_study(path, DISTIL), load_study(path, [*DISTIL, "distill.tta=true"])
+    point = starting_points(plain)[0]
+    assert suggest(FixedTrial(point), plain).train.teacher_tta is False
+    assert suggest(FixedTrial(point), mirrored).train.teacher_tta is True
+    assert "its mirror" in describe.distillation(mirrored) and "mirror" not in describe.distillation(plain)
+    with pytest.raises(ValueError, match="tta = true"):
+        load_study(path, ["distill.tta=true"])  # no teacher
+    with pytest.raises(ValueError, match=r"\[distill\]\.tta = .yes. has the wrong type"):
+        load_study(path, [*DISTIL, "distill.tta='yes'"])
+    card = {"budget": {"epochs": 2, "finetune_epochs": 0, "recipe": "fast", "lr": 0.1},
+            "teacher": {"model": "resnet", "val_acc": 0.9, "tta": True}}  # fmt: skip
+    assert retrain_module.training_words(card).endswith("(90.00% validation) over each image and its mirror")
+    card["teacher"]["tta"] = False
+    assert retrain_module.training_words(card).endswith("(90.00% validation)")
