@@ -48,7 +48,7 @@ from microsearch.evaluation.train import (
     train,
 )
 from microsearch.evaluation.views import score_text
-from microsearch.models import create_model, list_models, same_layers
+from microsearch.models import create_model, list_models
 
 
 def _parse_kv(pairs: list[str], what: str) -> dict[str, Any]:
@@ -121,16 +121,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
     if args.init:
         start, _ = load_model(args.init)
-        plan = current_plan(start)  # empty for a float model; a quantized one trains on at its own bits
-        if plan and (args.weight_bits or args.act_bits):
-            raise ValueError(
-                f"--init {args.init} is quantized already and trains on at its own bits: drop --weight-bits/--act-bits"
-            )
+        # New bits for a quantized model: its weights, quantized afresh at them (progressive quantization,
+        # e.g. 4 -> 3 bits, step sizes calibrated again); without, it trains on at its own bits and steps.
+        requantize = bool(args.weight_bits or args.act_bits)
         with contextlib.suppress(AttributeError, ValueError):  # a layer missing or of another kind: caught below
-            apply_quant_plan_(model, plan)
-        if not same_layers(model, start):
+            apply_quant_plan_(model, {} if requantize else current_plan(start))
+        state = {k: v for k, v in start.state_dict().items() if not requantize or k in model.state_dict()}
+        if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in model.state_dict().items()}:
             raise ValueError(f"--init {args.init} does not have the layers of this --model and --model-arg")
-        model.load_state_dict(start.state_dict())
+        model.load_state_dict(state)
         train_config = replace(train_config, float_warmup=False)  # trained weights: quantized from epoch 1
     if args.weight_bits or args.act_bits:
         quantize_(model, _quant_config(args))
@@ -584,7 +583,8 @@ def _build_train(p: argparse.ArgumentParser) -> None:
         "--init",
         metavar="MODEL.pt",
         help="start from this saved model's weights (same layers): a float model is quantized from the first "
-        "epoch, a quantized one trains on at its own bits and step sizes",
+        "epoch; a quantized one trains on at its own bits and step sizes, or with --weight-bits/--act-bits its "
+        "weights are quantized afresh at those bits (progressive quantization, e.g. 4 -> 3 bits)",
     )
     p.add_argument(
         "--set",

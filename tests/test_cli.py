@@ -213,7 +213,7 @@ def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsy
     assert code == 2 and "has no test split; use --split val" in err
 
 
-def test_train_init_starts_from_a_float_or_quantized_model_and_refuses_others(capsys, tmp_path):
+def test_train_init_starts_from_a_float_or_quantized_model_requantizes_and_refuses_others(capsys, tmp_path):
     base = ["train", "--data", "synthetic:300", "--val-size", "100", "--model", "resnet", "--model-arg", "width=4"]
     base += ["--model-arg", "blocks=1,1,1", "--batch-size", "50", "--epochs", "1"]
     assert main([*base, "--out", str(tmp_path / "float")]) == 0
@@ -236,10 +236,24 @@ def test_train_init_starts_from_a_float_or_quantized_model_and_refuses_others(ca
         torch.testing.assert_close(again.state_dict()[name], step, rtol=1e-3, atol=0, msg=name)
         weight = name.removesuffix("_quant.scale")
         torch.testing.assert_close(again.state_dict()[weight], tuned.state_dict()[weight], rtol=0, atol=step.item() / 2)
+    three = [*base, "--weight-bits", "3", "--act-bits", "3", "--first-last-bits", "8", "--lr", "1e-6"]
+    assert main([*three, "--init", q_start, "--out", str(tmp_path / "q3")]) == 0  # progressive: 4 -> 3 bits
+    lower, meta = load_model(tmp_path / "q3" / "model.pt")
+    assert meta["init"] == q_start and meta["train"]["float_warmup"] is False
+    assert sorted({bits["weight"] for bits in current_plan(lower).values()}) == [3, 8, 16]
+    assert sorted({bits["act"] for bits in current_plan(lower).values()}) == [3, 8, 16]
+    for name, step in steps.items():  # calibrated again at 3 bits, from the 4-bit model's weights
+        b = current_plan(lower)[name.removesuffix(".weight_quant.scale")]["weight"]
+        if b == 3:
+            assert lower.state_dict()[name].item() > step.item() * 1.3  # 3 levels a side instead of 7
+        weight, new_step = name.removesuffix("_quant.scale"), lower.state_dict()[name].item()
+        inside = tuned.state_dict()[weight].abs() <= (2 ** (b - 1) - 1) * new_step  # not clipped at the new bits
+        moved = (lower.state_dict()[weight] - tuned.state_dict()[weight]).abs()
+        assert inside.float().mean() > 0.95 and bool((moved[inside] <= new_step / 2 + 1e-6).all()), name
     capsys.readouterr()
     other = "does not have the layers of this --model and --model-arg"
     refusals = [
-        ([*quantized, "--init", q_start], "is quantized already and trains on at its own bits"),
+        ([*three, "--model-arg", "width=8", "--init", q_start], other),
         ([*base, "--model-arg", "width=8", "--init", start], other),
         ([*base, "--model-arg", "width=8", "--init", q_start], other),
     ]
