@@ -126,8 +126,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         requantize = bool(args.weight_bits or args.act_bits)
         with contextlib.suppress(AttributeError, ValueError):  # a layer missing or of another kind: caught below
             apply_quant_plan_(model, {} if requantize else current_plan(start))
-        state = {k: v for k, v in start.state_dict().items() if not requantize or k in model.state_dict()}
-        if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in model.state_dict().items()}:
+        own = model.state_dict()
+        state = {k: v for k, v in start.state_dict().items() if not requantize or k in own}
+        if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in own.items()}:
             raise ValueError(f"--init {args.init} does not have the layers of this --model and --model-arg")
         model.load_state_dict(state)
         train_config = replace(train_config, float_warmup=False)  # trained weights: quantized from epoch 1
