@@ -119,11 +119,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--set distill needs --teacher MODEL.pt")
     torch.manual_seed(args.seed)
     model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
+    quant = _quant_config(args) if args.weight_bits or args.act_bits else None
     if args.init:
         start, _ = load_model(args.init)
         # New bits for a quantized model: its weights, quantized afresh at them (progressive quantization,
         # e.g. 4 -> 3 bits, step sizes calibrated again); without, it trains on at its own bits and steps.
-        requantize = bool(args.weight_bits or args.act_bits)
+        requantize = quant is not None
         with contextlib.suppress(AttributeError, ValueError):  # a layer missing or of another kind: caught below
             apply_quant_plan_(model, {} if requantize else current_plan(start))
         own = model.state_dict()
@@ -132,8 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--init {args.init} does not have the layers of this --model and --model-arg")
         model.load_state_dict(state)
         train_config = replace(train_config, float_warmup=False)  # trained weights: quantized from epoch 1
-    if args.weight_bits or args.act_bits:
-        quantize_(model, _quant_config(args))
+    if quant is not None and {quant.weight_bits, quant.act_bits, quant.first_last_bits or 32} != {32}:
+        quantize_(model, quant)  # all at 32 bits: the float network (of a quantized --init, its float weights)
     started = time.perf_counter()
     data = load_data(data_config)
     _log(f"data {args.data}: {len(data.train)} train / {len(data.val)} validation images")
@@ -585,7 +586,8 @@ def _build_train(p: argparse.ArgumentParser) -> None:
         metavar="MODEL.pt",
         help="start from this saved model's weights (same layers): a float model is quantized from the first "
         "epoch; a quantized one trains on at its own bits and step sizes, or with --weight-bits/--act-bits its "
-        "weights are quantized afresh at those bits (progressive quantization, e.g. 4 -> 3 bits)",
+        "weights are quantized afresh at those bits (progressive quantization, e.g. 4 -> 3 bits; at 32 and 32: "
+        "its float network)",
     )
     p.add_argument(
         "--set",

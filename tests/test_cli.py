@@ -9,6 +9,7 @@ from microsearch.compression import current_plan
 from microsearch.evaluation import audit
 from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.train import evaluate
+from microsearch.models import same_layers
 from tests.helpers import assert_started_from
 
 
@@ -250,6 +251,13 @@ def test_train_init_starts_from_a_float_or_quantized_model_requantizes_and_refus
         inside = tuned.state_dict()[weight].abs() <= (2 ** (b - 1) - 1) * new_step  # not clipped at the new bits
         moved = (lower.state_dict()[weight] - tuned.state_dict()[weight]).abs()
         assert inside.float().mean() > 0.95 and bool((moved[inside] <= new_step / 2 + 1e-6).all()), name
+    unquantized = [*base, "--weight-bits", "32", "--act-bits", "32", "--lr", "1e-6"]
+    assert main([*unquantized, "--init", q_start, "--out", str(tmp_path / "f")]) == 0  # back to float
+    back, _ = load_model(tmp_path / "f" / "model.pt")
+    assert current_plan(back) == {} and same_layers(back, init)  # a float network: it can start a study
+    for name in steps:
+        weight = name.removesuffix("_quant.scale")
+        torch.testing.assert_close(back.state_dict()[weight], tuned.state_dict()[weight], rtol=0, atol=1e-4)
     capsys.readouterr()
     other = "does not have the layers of this --model and --model-arg"
     refusals = [
