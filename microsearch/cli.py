@@ -133,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--init {args.init} does not have the layers of this --model and --model-arg")
         model.load_state_dict(state)
         train_config = replace(train_config, float_warmup=False)  # trained weights: quantized from epoch 1
-    if quant is not None and {quant.weight_bits, quant.act_bits, quant.first_last_bits or 32} != {32}:
+    if quant is not None:
         quantize_(model, quant)  # all at 32 bits: the float network (of a quantized --init, its float weights)
     started = time.perf_counter()
     data = load_data(data_config)

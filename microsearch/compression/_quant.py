@@ -312,7 +312,8 @@ def compute_layers(model: nn.Module) -> list[str]:
 
 
 def quant_plan(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, int]]:
-    """Resolve ``config`` into per-layer bits for every conv, linear and BatchNorm of ``model``."""
+    """Resolve ``config`` into per-layer bits for every conv, linear and BatchNorm of ``model``; a layer
+    at 32 bits throughout (weights, inputs, biases) is float and left out."""
     bias_bits = config.bias_bits or max(16, config.weight_bits)
     names = compute_layers(model)
     unknown = sorted(set(config.layer_bits) - set(names))
@@ -329,7 +330,7 @@ def quant_plan(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, int
                 w = a = config.first_last_bits
             w, a = config.layer_bits.get(name, (w, a))
             plan[name] = asdict(LayerBits(w, a, bias_bits))
-    return plan
+    return {name: bits for name, bits in plan.items() if set(bits.values()) != {32}}
 
 
 def apply_quant_plan_(model: nn.Module, plan: dict[str, dict[str, int]]) -> nn.Module:
