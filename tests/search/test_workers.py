@@ -118,7 +118,9 @@ def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path, signum):
     path = tiny_study(images=3000, epochs=20)  # trials long enough to be interrupted
     study = load_study(path)
     url = f"sqlite:///{tmp_path / 'stop.db'}"
-    cmd = [sys.executable, "-m", "microsearch", "launch", str(path), "--workers", "2", "--storage", url]
+    # Trials enough that a worker done with its first starts another: both are training at once.
+    more = ["--set", "budget.trials=50"]
+    cmd = [sys.executable, "-m", "microsearch", "launch", str(path), "--workers", "2", "--storage", url, *more]
     launcher = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -126,6 +128,7 @@ def test_interrupting_launch_stops_every_worker(tiny_study, tmp_path, signum):
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.3)
+        assert launcher.poll() is None, f"the launcher exited ({launcher.returncode}): {launcher.stderr.read()}"
         try:
             trials = optuna.load_study(study_name=study.name, storage=storage).get_trials(states=(TrialState.RUNNING,))
             running = [t for t in trials if "config" in t.user_attrs]  # sampled whole: training
