@@ -41,8 +41,15 @@ def goal(study: StudyConfig) -> str:
 def distillation(study: StudyConfig) -> str:
     """Whether and how trials and the retrain distil from a teacher, in words."""
     d = study.distill
+    start = f"the saved float model {d.init_file}" if d.init_file else "the teacher"
+    init = (
+        f" Candidates whose float network has exactly the layers of {start} start from its trained "
+        "weights and train quantized from the first epoch (no float warm-up)."
+        if d.init
+        else ""
+    )
     if not d.enabled:
-        return "No distillation."
+        return "No distillation." + init
     args = ", ".join(f"{k}={v}" for k, v in d.teacher_args.items())
     teacher = (
         f"a float {d.teacher}{f' ({args})' if args else ''} trained once for {d.teacher_epochs} epochs "
@@ -55,12 +62,7 @@ def distillation(study: StudyConfig) -> str:
         f"loss = (1 - w) x cross-entropy + w x T^2 x KL(teacher || student) at temperature T "
         f"(w in {list(d.weight)}, T in {list(d.temperature)}). The teacher is not part of the scored model."
         + (" Its soft labels are its mean logits on each image and its mirror." if d.tta else "")
-        + (
-            " Candidates whose float network has exactly the teacher's layers start from its trained "
-            "weights and train quantized from the first epoch (no float warm-up)."
-            if d.init
-            else ""
-        )
+        + init
     )
 
 

@@ -48,12 +48,18 @@ from microsearch.search.study import StudyConfig
 EpochHook = Callable[[EpochStats], None] | None
 
 
-def start_from(plan: TrialPlan, study: StudyConfig, teacher: nn.Module | None) -> nn.Module | None:
-    """The trained float network a candidate starts from (``[distill] init``): the teacher, where
-    the candidate's float network has exactly its layers (names and shapes); None: from scratch."""
-    if not study.distill.init or teacher is None:
+def start_from(plan: TrialPlan, study: StudyConfig, start: nn.Module | None) -> nn.Module | None:
+    """The trained float network a candidate starts from (``[distill] init``): ``start`` (see
+    ``teacher.start_model``), where the candidate's float network has exactly its layers (names and
+    shapes); None: from scratch."""
+    if not study.distill.init or start is None:
         return None
-    return teacher if same_layers(create_model(MODEL, **plan.model), teacher) else None
+    return start if same_layers(create_model(MODEL, **plan.model), start) else None
+
+
+def init_name(study: StudyConfig, init: nn.Module | None) -> str:
+    """What a candidate started from, as trials and model cards record it."""
+    return "scratch" if init is None else ("init_file" if study.distill.init_file else "teacher")
 
 
 def train_and_compress(
@@ -134,9 +140,10 @@ class Objective:
         artifacts: FileSystemArtifactStore | None = None,
         sampler_seed: int | None = None,
         teacher: nn.Module | None = None,
+        start: nn.Module | None = None,
     ) -> None:
         self.study, self.data, self.log, self.tag, self.artifacts = study, data, log, tag, artifacts
-        self.sampler_seed, self.teacher = sampler_seed, teacher
+        self.sampler_seed, self.teacher, self.start = sampler_seed, teacher, start
         self.device = resolve_device(study.device)
         self.current: int | None = None  # number of the trial being run, for an interrupted worker
 
@@ -162,8 +169,8 @@ class Objective:
                 set_feasibility(trial, stats.val_acc, self.study.trial_target)
                 raise optuna.TrialPruned(f"val {stats.val_acc:.1%} at epoch {step} is below every feasible trial")
 
-        init = start_from(plan, self.study, self.teacher)
-        trial.set_user_attr("init", "teacher" if init is not None else "scratch")
+        init = start_from(plan, self.study, self.start)
+        trial.set_user_attr("init", init_name(self.study, init))
         model = train_and_compress(
             plan,
             self.study,

@@ -30,12 +30,12 @@ from microsearch.evaluation.train import (
     resolve_precision,
 )
 from microsearch.evaluation.views import counts, params_markdown, score_markdown, score_terms
-from microsearch.search.objective import start_from, train_and_compress
+from microsearch.search.objective import init_name, start_from, train_and_compress
 from microsearch.search.pruner import is_feasible
 from microsearch.search.run import best_feasible, load_existing
 from microsearch.search.space import MODEL, suggest
 from microsearch.search.study import StudyConfig, StudyError
-from microsearch.search.teacher import ensure_teacher, teacher_record
+from microsearch.search.teacher import ensure_teacher, start_model, teacher_record
 
 
 def pick_trial(study: optuna.Study, which: str) -> optuna.trial.FrozenTrial:
@@ -100,8 +100,9 @@ def train_trial(
         "lr": r.lr or plan.train.lr,
     }
     plan = replace(plan, train=replace(plan.train, epochs=budget["epochs"], recipe=budget["recipe"], lr=budget["lr"]))
-    teacher = ensure_teacher(study, None, log) if plan.train.distill or study.distill.init else None
-    init = start_from(plan, study, None if teacher is None else teacher[0])
+    d = study.distill
+    teacher = ensure_teacher(study, None, log) if plan.train.distill or (d.init and not d.init_file) else None
+    init = start_from(plan, study, start_model(study, None if teacher is None else teacher[0], log))
     device = resolve_device(plan.train.device)
     total = plan.train.epochs + budget["finetune_epochs"]
 
@@ -145,7 +146,8 @@ def train_trial(
         "hyperparameters": trial.params,
         "budget": budget,
         "teacher": None if teacher is None else teacher_record(study, teacher[1]),
-        "init": "teacher" if init is not None else "scratch",  # the float weights it started from
+        "init": init_name(study, init),  # the float weights it started from
+        "init_file": study.distill.init_file if init is not None else "",
         "target": study.target,
         "trial_target": study.trial_target,
         "data": {
@@ -291,6 +293,7 @@ def training_words(card: dict) -> str:
         + (f", distilled from {teacher['model']} ({teacher['val_acc']:.2%} validation)" if teacher else "")
         + (" over each image and its mirror" if teacher and teacher.get("tta") else "")
         + (", started from the teacher's float weights" if card.get("init") == "teacher" else "")
+        + (f", started from the float weights of {card.get('init_file')}" if card.get("init") == "init_file" else "")
     )
 
 

@@ -8,7 +8,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import MISSING, Field, asdict, fields
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
@@ -25,7 +25,7 @@ from microsearch.search.pruner import TargetPruner, is_feasible
 from microsearch.search.space import MODEL, check_enqueue, starting_points
 from microsearch.search.storage import open_storage
 from microsearch.search.study import StudyConfig, StudyError
-from microsearch.search.teacher import ensure_teacher, teacher_record
+from microsearch.search.teacher import ensure_teacher, start_model, teacher_record
 
 # What defines the search: a worker whose file differs here from the stored study is refused.
 _DEFINING = ("target", "trial_target", "rule", "data", "space", "compression", "distill")
@@ -39,6 +39,27 @@ def _definition(study: StudyConfig) -> dict:
     }
     del defining["data"]["cache_dir"]  # machine-local: workers on other hosts keep their own
     return _jsonable(defining)
+
+
+def _differences(study: StudyConfig, definition: dict, stored: dict) -> list[str]:
+    """The sections of ``definition`` that differ from the ``stored`` one. A setting newer than the
+    stored study counts as unchanged while it holds its default, so a study stays resumable."""
+    differ = []
+    for key, value in definition.items():
+        old = stored.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            defaults = {f.name: _default(f) for f in fields(getattr(study, key))}
+            new = {name: defaults[name] for name in value.keys() - old.keys() if defaults.get(name) is not MISSING}
+            old = {**old, **_jsonable(new)}
+        if value != old:
+            differ.append(key)
+    return sorted(differ)
+
+
+def _default(f: Field) -> object:
+    if f.default is not MISSING:
+        return f.default
+    return MISSING if f.default_factory is MISSING else f.default_factory()
 
 
 def _jsonable(value):  # tuples become lists, as they come back from the storage
@@ -113,8 +134,7 @@ def open_study(study: StudyConfig, storage_url: str | None = None, sampler_seed:
         _describe_for_dashboard(optuna_study, study)
         for point in [*starting_points(study), *study.enqueue]:
             optuna_study.enqueue_trial(point, skip_if_exists=True)
-    elif stored != definition:
-        differ = sorted(k for k in definition if definition[k] != stored.get(k))
+    elif differ := _differences(study, definition, stored):
         raise StudyError(
             f"study {study.name!r} on this storage was created from a different definition "
             f"(differs in: {', '.join(differ)}); use another study name or storage"
@@ -231,9 +251,9 @@ def run_worker(
     teacher = ensure_teacher(study, data, log)
     if teacher is not None:
         optuna_study.set_user_attr("teacher", teacher_record(study, teacher[1]))
-    objective = Objective(
-        study, data, log, tag, artifact_store(study), sampler_seed, None if teacher is None else teacher[0]
-    )
+    teacher_model = None if teacher is None else teacher[0]
+    start = start_model(study, teacher_model, log)
+    objective = Objective(study, data, log, tag, artifact_store(study), sampler_seed, teacher_model, start)
     try:
         with _optuna_warnings_only():
             optuna_study.optimize(

@@ -140,9 +140,13 @@ class DistillConfig:
     weight: tuple[float, float] = (0.9, 0.9)  # of the distillation loss (searched if low < high)
     temperature: tuple[float, float] = (4.0, 4.0)  # (searched if low < high)
     tta: bool = False  # soft labels from the teacher's mean logits on the image and its mirror
-    # Candidates whose float network has exactly the teacher's layers start from its trained
-    # weights (quantization-aware fine-tuning, no float warm-up); the others train from scratch.
+    # Candidates whose float network has exactly the layers of the start model (init_file, else the
+    # teacher) start from its trained weights (quantization-aware fine-tuning, no float warm-up);
+    # the others train from scratch.
     init: bool = False
+    # A saved float model to start from instead of the teacher, e.g. the candidates' own float
+    # network while a stronger model of other layers teaches (LSQ's start, distillation's teacher).
+    init_file: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.teacher_args, dict):
@@ -151,10 +155,15 @@ class DistillConfig:
             raise ValueError("give teacher (a model to train once) or teacher_file (a saved model), not both")
         if self.tta and not self.enabled:
             raise ValueError("tta = true averages the teacher over the mirror: give teacher or teacher_file")
-        if self.init and not self.enabled:
-            raise ValueError("init = true starts candidates from the teacher's weights: give teacher or teacher_file")
-        if self.teacher_file and not Path(self.teacher_file).expanduser().is_file():
-            raise ValueError(f"teacher_file: no model file at {self.teacher_file}")
+        if self.init and not (self.enabled or self.init_file):
+            raise ValueError(
+                "init = true starts candidates from trained weights: give init_file, teacher or teacher_file"
+            )
+        if self.init_file and not self.init:
+            raise ValueError("init_file is the model candidates start from: set init = true")
+        for key in ("teacher_file", "init_file"):
+            if getattr(self, key) and not Path(getattr(self, key)).expanduser().is_file():
+                raise ValueError(f"{key}: no model file at {getattr(self, key)}")
         if self.teacher:
             create_model(self.teacher, **self.teacher_args)  # names a wrong model or argument now
         if self.teacher_recipe not in RECIPES:

@@ -9,7 +9,8 @@ validation images stay unseen by every model that takes part in model selection.
 
 A saved model (``[distill] teacher_file``, e.g. the ``model.pt`` of ``microsearch train``) is used
 as it is, once its card shows it was trained on the same split: same source, validation size and
-seed, so that it never saw the study's validation images.
+seed, so that it never saw the study's validation images. The same holds for ``[distill] init_file``,
+the float model candidates start from when it is not the teacher (``start_model``).
 """
 
 import fcntl
@@ -76,7 +77,7 @@ def ensure_teacher(
     path = teacher_path(study)
     if d.teacher_file:
         model, meta = load_model(path)
-        _check_split(study, path, meta)
+        _check_split(study, path, meta, "distill.teacher_file")
         log(f"[teacher] {path}: validation accuracy {meta['val_acc']:.2%}")
         return model, meta
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +90,21 @@ def ensure_teacher(
     return model, meta
 
 
-def _check_split(study: StudyConfig, path: Path, meta: dict) -> None:
-    """Refuse a saved teacher that was not trained on the study's training split."""
+def start_model(study: StudyConfig, teacher: nn.Module | None, log: Callable[[str], None] = print) -> nn.Module | None:
+    """The trained float network candidates start from (``[distill] init``): ``init_file`` where
+    given, else the teacher; None without ``init``."""
+    d = study.distill
+    if not d.init or not d.init_file:
+        return teacher if d.init else None
+    path = Path(d.init_file).expanduser()
+    model, meta = load_model(path)
+    _check_split(study, path, meta, "distill.init_file")
+    log(f"[init] {path}: validation accuracy {meta['val_acc']:.2%}; candidates with its layers start from it")
+    return model
+
+
+def _check_split(study: StudyConfig, path: Path, meta: dict, key: str) -> None:
+    """Refuse a saved model that was not trained on the study's training split."""
 
     def split(data: dict) -> tuple:
         kind, _, where = str(data.get("source", "")).partition(":")
@@ -100,8 +114,8 @@ def _check_split(study: StudyConfig, path: Path, meta: dict) -> None:
     theirs, ours = split(meta.get("data") or {}), split(asdict(study.data))
     if theirs != ours or "val_acc" not in meta:
         raise ValueError(
-            f"distill.teacher_file {path} was trained on (source, val_size, seed) = {theirs}, the study "
-            f"holds out {ours}: its teacher must not have seen the validation images"
+            f"{key} {path} was trained on (source, val_size, seed) = {theirs}, the study "
+            f"holds out {ours}: it must not have seen the validation images"
         )
 
 

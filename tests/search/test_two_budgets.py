@@ -8,12 +8,13 @@ import pytest
 import torch
 from optuna.trial import FixedTrial
 
+from microsearch.checkpoint import load_model
 from microsearch.cli import main
 from microsearch.evaluation.data import Split, load_data
 from microsearch.evaluation.train import evaluate
 from microsearch.search import describe, load_study, open_study, starting_points, suggest
 from microsearch.search.objective import start_from, train_and_compress
-from microsearch.search.teacher import ensure_teacher, teacher_path
+from microsearch.search.teacher import ensure_teacher, start_model, teacher_path
 from tests.helpers import assert_started_from
 
 retrain_module = importlib.import_module("microsearch.search.retrain")  # the package exports the function
@@ -169,6 +170,49 @@ def test_candidates_with_the_teachers_layers_start_from_its_weights(tiny_study, 
     assert main(["search", str(path), "--n-trials", "1", *(f"--set={s}" for s in init)]) == 0
     (trial,) = open_study(study).trials  # the built-in starting point: the teacher's layers
     assert trial.user_attrs["init"] == "teacher" and trial.params["width"] == 4
+
+
+def test_candidates_start_from_an_init_file_while_another_model_teaches(tiny_study, tmp_path):
+    def saved(name: str, *args: str, val_size: int = 100) -> str:
+        out = tmp_path / name
+        train = ["train", "--data", "synthetic:300", "--epochs", "1", "--batch-size", "50", "--val-size"]
+        assert main([*train, str(val_size), *args, "--out", str(out)]) == 0
+        return str(out / "model.pt")
+
+    own = ["--model", "resnet", "--model-arg", "width=4", "--model-arg", "blocks=1,1", "--model-arg", "multipliers=1,2"]
+    start, convnet = saved("start", *own), saved("teacher", "--model", "convnet", "--model-arg", "widths=8,8")
+    path = tiny_study(images=300)
+    init = [f"distill.teacher_file='{convnet}'", "distill.init=true", f"distill.init_file='{start}'"]
+    study = load_study(path, init)
+    teacher, _ = ensure_teacher(study, log=lambda line: None)
+    lines = []
+    model = start_model(study, teacher, lines.append)
+    assert model is not teacher and lines == [
+        f"[init] {start}: validation accuracy {load_model(start)[1]['val_acc']:.2%}; "
+        "candidates with its layers start from it"
+    ]
+    plan = suggest(FixedTrial(starting_points(study)[0]), study)
+    assert start_from(plan, study, model) is model  # the teacher has other layers: it only teaches
+    assert start_from(plan, study, teacher) is None
+    assert start_model(load_study(path, init[:2]), teacher) is teacher  # no init_file: the teacher
+    assert start_model(load_study(path, init[:1]), teacher) is None  # init = false
+    assert f"layers of the saved float model {start} start from its trained weights" in describe.distillation(study)
+    alone = load_study(path, init[1:])  # init_file without a teacher: a start, no distillation
+    assert describe.distillation(alone).startswith("No distillation. Candidates whose float network")
+    with pytest.raises(ValueError, match="init_file is the model candidates start from: set init = true"):
+        load_study(path, [init[2]])
+    with pytest.raises(ValueError, match="init_file: no model file at"):
+        load_study(path, ["distill.init=true", f"distill.init_file='{tmp_path / 'missing.pt'}'"])
+    other = load_study(path, ["distill.init=true", f"distill.init_file='{saved('other', *own, val_size=50)}'"])
+    with pytest.raises(ValueError, match=r"distill\.init_file .* must not have seen the validation images"):
+        start_model(other, None)
+
+    assert main(["search", str(path), "--n-trials", "1", *(f"--set={s}" for s in init)]) == 0
+    (trial,) = open_study(study).trials  # the built-in starting point: the init file's layers
+    assert trial.user_attrs["init"] == "init_file"
+    card = {"budget": {"epochs": 2, "finetune_epochs": 0, "recipe": "fast", "lr": 0.1}, "teacher": None,
+            "init": "init_file", "init_file": start}  # fmt: skip
+    assert retrain_module.training_words(card).endswith(f", started from the float weights of {start}")
 
 
 def test_distill_tta_gives_trials_the_teachers_mean_over_the_mirror(tiny_study):

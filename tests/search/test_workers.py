@@ -111,6 +111,15 @@ def test_a_changed_definition_is_refused_on_the_same_storage(tiny_study, tmp_pat
     assert "created from a different definition (differs in: target, trial_target)" in capsys.readouterr().err
     other_host = ["--set", f"data.cache_dir='{tmp_path / 'elsewhere'}'", "--set", "budget.trials=9"]
     assert main(["search", str(path), "--storage", url, "--n-trials", "1", *other_host]) == 0
+    # A study stored before a setting existed resumes while the setting holds its default.
+    stored = optuna.load_study(study_name=load_study(path).name, storage=url)
+    definition = stored.user_attrs["definition"]
+    del definition["distill"]["init_file"], definition["space"]["granularity"]
+    stored.set_user_attr("definition", definition)
+    capsys.readouterr()
+    assert main(["search", str(path), "--storage", url, "--n-trials", "1"]) == 0
+    assert main(["search", str(path), "--storage", url, "--n-trials", "1", "--set", "space.granularity='block'"]) == 2
+    assert "(differs in: space)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
