@@ -4,7 +4,7 @@
 A 3x3 stem, then groups of [3x3 conv -> 2x2 max-pool -> BN -> ReLU -> 3x3 conv -> BN -> ReLU], each
 halving H and W, then a global max-pool and a linear layer. Pooling before the BatchNorm runs the
 norm and the group's second conv on 4x fewer positions. Few, large matrix products train fast on
-CPUs and GPUs alike: a strong teacher per second of training. Every group prunes like a residual
+CPUs and GPUs alike: a teacher of other layers that is quick to train. Every group prunes like a residual
 block (the first conv's filters and the second conv's matching inputs), and every inner layer's
 input follows a ReLU (unsigned activations), so the family quantizes and filter-prunes as ResNets do.
 """
