@@ -4,9 +4,10 @@
 A 3x3 stem, then groups of [3x3 conv -> 2x2 max-pool -> BN -> ReLU -> 3x3 conv -> BN -> ReLU], each
 halving H and W, then a global max-pool and a linear layer. Pooling before the BatchNorm runs the
 norm and the group's second conv on 4x fewer positions. Few, large matrix products train fast on
-CPUs and GPUs alike: a teacher of other layers that is quick to train. Every group prunes like a residual
-block (the first conv's filters and the second conv's matching inputs), and every inner layer's
-input follows a ReLU (unsigned activations), so the family quantizes and filter-prunes as ResNets do.
+CPUs and GPUs alike: a teacher of other layers that is quick to train. Every group prunes like a
+residual block (the first conv's filters and the second conv's matching inputs), and every inner
+layer's input follows a ReLU (unsigned activations), so the family quantizes and filter-prunes as
+ResNets do.
 """
 
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microsearch.models._registry import config_from_kwargs, register_model
+from microsearch.models._resnet import ConvPair, init_convs_
 
 
 @dataclass
@@ -37,22 +39,13 @@ class ConvNetConfig:
             raise ValueError(f"mid_channels needs {len(self.widths)} entries >= 1, got {self.mid_channels}")
 
 
-class ConvGroup(nn.Module):
+class ConvGroup(ConvPair):
     """3x3 conv (c_in -> mid) -> 2x2 max-pool -> BN -> ReLU -> 3x3 conv (mid -> c_out) -> BN -> ReLU."""
 
     def __init__(self, c_in: int, mid: int, c_out: int) -> None:
         super().__init__()
         self.conv1 = nn.Sequential(nn.Conv2d(c_in, mid, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(mid))
         self.conv2 = nn.Sequential(nn.Conv2d(mid, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
-
-    # Filter pruning removes the producer's filters and the consumer's matching input channels.
-    @property
-    def producer(self) -> nn.Conv2d:
-        return self.conv1[0]
-
-    @property
-    def consumer(self) -> nn.Conv2d:
-        return self.conv2[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.conv2(F.relu(self.conv1(x))))
@@ -72,9 +65,7 @@ class ConvNet(nn.Module):
             c_in = c_out
         self.groups = nn.Sequential(*groups)
         self.fc = nn.Linear(c_in, config.num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_convs_(self)
 
     def prunable_blocks(self) -> dict[str, nn.Module]:
         """The conv groups by name, in ``config.mid_channels`` order."""

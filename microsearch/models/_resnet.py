@@ -82,16 +82,17 @@ def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module:
     return Subsampled(stride, *_conv_bn(c_in, c_out, 1))
 
 
-class BasicBlock(nn.Module):
-    """3x3 conv (c_in -> mid) -> BN -> ReLU -> 3x3 conv (mid -> c_out) -> BN, plus shortcut."""
+def init_convs_(model: nn.Module) -> None:
+    """He initialisation of every conv (fan out, for ReLU networks)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def __init__(self, c_in: int, mid: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = _conv_bn(c_in, mid, 3, stride)
-        self.conv2 = _conv_bn(mid, c_out, 3)
-        self.shortcut = _shortcut(c_in, c_out, stride)
 
-    # Filter pruning removes the producer's filters and the consumer's matching input channels.
+class ConvPair(nn.Module):
+    """A block whose pruned filters are those of its ``conv1`` (conv first), feeding its ``conv2``:
+    filter pruning removes the producer's filters and the consumer's matching input channels."""
+
     @property
     def producer(self) -> nn.Conv2d:
         return self.conv1[0]
@@ -99,6 +100,16 @@ class BasicBlock(nn.Module):
     @property
     def consumer(self) -> nn.Conv2d:
         return self.conv2[0]
+
+
+class BasicBlock(ConvPair):
+    """3x3 conv (c_in -> mid) -> BN -> ReLU -> 3x3 conv (mid -> c_out) -> BN, plus shortcut."""
+
+    def __init__(self, c_in: int, mid: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = _conv_bn(c_in, mid, 3, stride)
+        self.conv2 = _conv_bn(mid, c_out, 3)
+        self.shortcut = _shortcut(c_in, c_out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.conv1(x))
@@ -177,9 +188,7 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(c_in, config.num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_convs_(self)
 
     def prunable_blocks(self) -> dict[str, nn.Module]:
         """The residual blocks by name, in ``config.mid_channels`` order."""
