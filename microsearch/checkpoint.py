@@ -7,6 +7,7 @@ stored beside them turn back into the same weights bit for bit: a 4-bit model fi
 third of its float32 size. It loads with ``torch.load(path, weights_only=True)``.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from microsearch.compression import apply_quant_plan_, current_plan, set_weight_levels_, weight_levels
-from microsearch.models import create_model, model_spec
+from microsearch.models import Ensemble, create_model, model_spec
 
 FORMAT = "microsearch-model/1"
 
@@ -64,6 +65,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         raise ValueError(f"{path}: a damaged {FORMAT} file: {_first_line(e)}") from None
     return model.to(device).eval(), blob["meta"]
+
+
+def load_models(paths: Sequence[str | Path]) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The saved models at ``paths`` as one network (a teacher): the model itself for one path, the
+    ``Ensemble`` of their mean logits for several; and the metadata of each."""
+    loaded = [load_model(path) for path in paths]
+    models, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
+    return (models[0] if len(models) == 1 else Ensemble(models).eval()), metas
 
 
 def _rebuild(blob: dict[str, Any]) -> nn.Module:

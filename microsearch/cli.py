@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from microsearch import __version__
-from microsearch.checkpoint import load_model, save_model
+from microsearch.checkpoint import load_model, load_models, save_model
 from microsearch.compression import QuantConfig, apply_quant_plan_, current_plan, quantize_, snap_weights_
 from microsearch.evaluation import RULES, audit
 from microsearch.evaluation.data import DataConfig, load_data
@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = _parse_kv(args.set, "--set")
     teacher = None
     if args.teacher:
-        teacher, teacher_meta = load_model(args.teacher)
+        teacher, teacher_metas = load_models(args.teacher)
         settings.setdefault("distill", 0.9)
     train_config = TrainConfig(
         epochs=args.epochs,
@@ -138,6 +138,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     data = load_data(data_config)
     _log(f"data {args.data}: {len(data.train)} train / {len(data.val)} validation images")
+    device = resolve_device(train_config.device)
+    if teacher is not None:
+        if len(args.teacher) == 1:
+            teacher_acc = teacher_metas[0].get("val_acc", float("nan"))
+        else:  # the ensemble's own accuracy
+            teacher_acc = evaluate(teacher, data.val, device, precision=train_config.precision).accuracy
+        _log(f"teacher {' + '.join(args.teacher)}: validation accuracy {teacher_acc:.2%}")
 
     def progress(s: EpochStats) -> None:
         eta = s.seconds / s.epoch * (train_config.epochs - s.epoch)
@@ -153,7 +160,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     history = train(model, data, train_config, progress, print_progress, checkpoint, teacher)
     snap_weights_(model)  # what it runs on: zeros counted as zeros, stored as int8 levels
-    device = resolve_device(train_config.device)
     result = evaluate(model, data.val, device, train_config.tta, train_config.precision)
     score = audit(model, rule=args.rule, passes=result.passes)
     summary = {
@@ -175,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "data": asdict(data_config),
         "train": asdict(train_config),
         "history": [asdict(h) for h in history],
-        "teacher": None if teacher is None else {"file": args.teacher, "val_acc": teacher_meta.get("val_acc")},
+        "teacher": None if teacher is None else {"file": " + ".join(args.teacher), "val_acc": teacher_acc},
         "init": args.init,  # the saved model whose weights it started from, if any
         "version": __version__,
         "command": " ".join(sys.argv),
@@ -578,8 +584,10 @@ def _build_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--teacher",
         metavar="MODEL.pt",
+        action="append",
         help="distil from this trained model (loss weight 0.9 unless --set distill=W; --set temperature=T; "
-        "--set teacher_tta=True: soft labels from its mean logits on the image and its mirror)",
+        "--set teacher_tta=True: soft labels from its mean logits on the image and its mirror); given "
+        "more than once, from the mean logits of all of them (an ensemble)",
     )
     p.add_argument(
         "--init",

@@ -51,12 +51,18 @@ def distillation(study: StudyConfig) -> str:
     if not d.enabled:
         return "No distillation." + init
     args = ", ".join(f"{k}={v}" for k, v in d.teacher_args.items())
-    teacher = (
-        f"a float {d.teacher}{f' ({args})' if args else ''} trained once for {d.teacher_epochs} epochs "
-        f"(recipe {d.teacher_recipe}) on the same training images and cached"
-        if d.teacher
-        else f"the saved model {d.teacher_file}, trained on the same training images"
-    )
+    if d.teacher:
+        teacher = (
+            f"a float {d.teacher}{f' ({args})' if args else ''} trained once for {d.teacher_epochs} epochs "
+            f"(recipe {d.teacher_recipe}) on the same training images and cached"
+        )
+    elif d.teacher_files:
+        teacher = (
+            f"the mean logits of the saved models {', '.join(d.teacher_files)} (an ensemble), "
+            "each trained on the same training images"
+        )
+    else:
+        teacher = f"the saved model {d.teacher_file}, trained on the same training images"
     return (
         f"Trials and the retrain distil from {teacher}; "
         f"loss = (1 - w) x cross-entropy + w x T^2 x KL(teacher || student) at temperature T "

@@ -133,6 +133,9 @@ class DistillConfig:
 
     teacher: str = ""  # a registered model name, e.g. "resnet56"; "": no distillation
     teacher_file: str = ""  # or a saved model (`microsearch train ... --out DIR`: DIR/model.pt)
+    # or several saved models that teach together: the mean of their logits (an ensemble of other
+    # networks is a stronger teacher than any of them)
+    teacher_files: tuple[str, ...] = ()
     teacher_args: dict = field(default_factory=dict)  # its config overrides, e.g. {width = 32}
     teacher_epochs: int = 30
     teacher_recipe: str = "fast"
@@ -151,19 +154,29 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.teacher_args, dict):
             raise ValueError(f"teacher_args must be a table, got {self.teacher_args!r}")
-        if self.teacher and self.teacher_file:
-            raise ValueError("give teacher (a model to train once) or teacher_file (a saved model), not both")
+        given = [key for key in ("teacher", "teacher_file", "teacher_files") if getattr(self, key)]
+        if len(given) > 1:
+            raise ValueError(
+                "give one of teacher (a model to train once), teacher_file (a saved model) or teacher_files "
+                f"(saved models that teach together), not {' and '.join(given)}"
+            )
         if self.tta and not self.enabled:
-            raise ValueError("tta = true averages the teacher over the mirror: give teacher or teacher_file")
+            raise ValueError("tta = true averages the teacher over the mirror: give a teacher")
         if self.init and not (self.enabled or self.init_file):
             raise ValueError(
                 "init = true starts candidates from trained weights: give init_file, teacher or teacher_file"
             )
+        if self.init and self.teacher_files and not self.init_file:
+            raise ValueError("init = true with teacher_files: give init_file, the model candidates start from")
         if self.init_file and not self.init:
             raise ValueError("init_file is the model candidates start from: set init = true")
-        for key in ("teacher_file", "init_file"):
-            if getattr(self, key) and not Path(getattr(self, key)).expanduser().is_file():
-                raise ValueError(f"{key}: no model file at {getattr(self, key)}")
+        if not all(isinstance(f, str) and f for f in self.teacher_files):
+            raise ValueError(f"teacher_files must be a list of model file paths, got {list(self.teacher_files)}")
+        for key, file in [("teacher_file", self.teacher_file), ("init_file", self.init_file)] + [
+            ("teacher_files", f) for f in self.teacher_files
+        ]:
+            if file and not Path(file).expanduser().is_file():
+                raise ValueError(f"{key}: no model file at {file}")
         if self.teacher:
             create_model(self.teacher, **self.teacher_args)  # names a wrong model or argument now
         if self.teacher_recipe not in RECIPES:
@@ -177,7 +190,12 @@ class DistillConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.teacher or self.teacher_file)
+        return bool(self.teacher or self.saved_teachers)
+
+    @property
+    def saved_teachers(self) -> list[str]:
+        """The saved models that teach (their mean logits); empty when the teacher is trained here."""
+        return [self.teacher_file] if self.teacher_file else list(self.teacher_files)
 
 
 @dataclass

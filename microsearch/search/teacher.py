@@ -9,8 +9,10 @@ validation images stay unseen by every model that takes part in model selection.
 
 A saved model (``[distill] teacher_file``, e.g. the ``model.pt`` of ``microsearch train``) is used
 as it is, once its card shows it was trained on the same split: same source, validation size and
-seed, so that it never saw the study's validation images. The same holds for ``[distill] init_file``,
-the float model candidates start from when it is not the teacher (``start_model``).
+seed, so that it never saw the study's validation images. Several (``teacher_files``) teach together,
+through the mean of their logits; their ensemble's validation accuracy is measured when it is loaded.
+The same check holds for ``[distill] init_file``, the float model candidates start from when it is
+not the teacher (``start_model``).
 """
 
 import fcntl
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
-from microsearch.checkpoint import load_model, save_model
+from microsearch.checkpoint import load_model, load_models, save_model
 from microsearch.evaluation.data import Dataset, load_data
 from microsearch.evaluation.train import EpochStats, TrainConfig, evaluate, print_progress, resolve_device, train
 from microsearch.models import create_model
@@ -60,6 +62,7 @@ def _train_config(study: StudyConfig) -> TrainConfig:
 
 
 def teacher_path(study: StudyConfig) -> Path:
+    """Where the study's trained teacher is cached (or its one saved teacher is)."""
     if study.distill.teacher_file:
         return Path(study.distill.teacher_file).expanduser()
     key = hashlib.sha256(json.dumps(teacher_config(study), sort_keys=True).encode()).hexdigest()[:16]
@@ -74,12 +77,9 @@ def ensure_teacher(
     d = study.distill
     if not d.enabled:
         return None
+    if d.saved_teachers:
+        return _saved_teacher(study, data, log)
     path = teacher_path(study)
-    if d.teacher_file:
-        model, meta = load_model(path)
-        _check_split(study, path, meta, "distill.teacher_file")
-        log(f"[teacher] {path}: validation accuracy {meta['val_acc']:.2%}")
-        return model, meta
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
@@ -88,6 +88,23 @@ def ensure_teacher(
     model, meta = load_model(path)
     log(f"[teacher] {d.teacher} from {path}: validation accuracy {meta['val_acc']:.2%}")
     return model, meta
+
+
+def _saved_teacher(study: StudyConfig, data: Dataset | None, log: Callable[[str], None]) -> tuple[nn.Module, dict]:
+    paths = [Path(p).expanduser() for p in study.distill.saved_teachers]
+    model, metas = load_models(paths)
+    key = "distill.teacher_file" if study.distill.teacher_file else "distill.teacher_files"
+    for path, meta in zip(paths, metas, strict=True):
+        _check_split(study, path, meta, key)
+        log(f"[teacher] {path}: validation accuracy {meta['val_acc']:.2%}")
+    if len(paths) == 1:
+        return model, metas[0]
+    split = (data or load_data(study.data)).val
+    accuracy = evaluate(model, split, resolve_device(study.device), precision=study.precision).accuracy
+    log(f"[teacher] the mean of their logits: validation accuracy {accuracy:.2%}")
+    names = " + ".join(meta.get("model", "saved") for meta in metas)
+    members = [{"file": str(path), "val_acc": meta["val_acc"]} for path, meta in zip(paths, metas, strict=True)]
+    return model, {"model": f"ensemble ({names})", "val_acc": accuracy, "members": members}
 
 
 def start_model(study: StudyConfig, teacher: nn.Module | None, log: Callable[[str], None] = print) -> nn.Module | None:
@@ -157,5 +174,6 @@ def teacher_record(study: StudyConfig, meta: dict) -> dict:
         "epochs": d.teacher_epochs if d.teacher else trained.get("epochs"),
         "val_acc": meta["val_acc"],
         "tta": d.tta,  # soft labels from its mean logits on the image and its mirror
-        "file": str(teacher_path(study)),
+        "file": " + ".join(d.saved_teachers) if d.teacher_files else str(teacher_path(study)),
+        **({"members": meta["members"]} if "members" in meta else {}),  # an ensemble's, each with its accuracy
     }

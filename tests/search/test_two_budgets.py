@@ -14,7 +14,7 @@ from microsearch.evaluation.data import Split, load_data
 from microsearch.evaluation.train import evaluate
 from microsearch.search import describe, load_study, open_study, starting_points, suggest
 from microsearch.search.objective import start_from, train_and_compress
-from microsearch.search.teacher import ensure_teacher, start_model, teacher_path
+from microsearch.search.teacher import ensure_teacher, start_model, teacher_path, teacher_record
 from tests.helpers import assert_started_from
 
 retrain_module = importlib.import_module("microsearch.search.retrain")  # the package exports the function
@@ -134,7 +134,7 @@ def test_a_saved_teacher_is_used_only_if_it_held_out_the_same_validation_images(
     other = load_study(path, [f"distill.teacher_file='{saved('other', 50)}'"])
     with pytest.raises(ValueError, match="must not have seen the validation images"):
         ensure_teacher(other)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not teacher and teacher_file"):
         load_study(path, [f"distill.teacher_file='{good}'", "distill.teacher='resnet'"])
     with pytest.raises(ValueError, match="no model file"):
         load_study(path, [f"distill.teacher_file='{tmp_path / 'missing.pt'}'"])
@@ -231,3 +231,57 @@ def test_distill_tta_gives_trials_the_teachers_mean_over_the_mirror(tiny_study):
     assert retrain_module.training_words(card).endswith("(90.00% validation) over each image and its mirror")
     card["teacher"]["tta"] = False
     assert retrain_module.training_words(card).endswith("(90.00% validation)")
+
+
+def test_saved_models_teach_together_through_their_mean_logits(tiny_study, tmp_path, capsys):
+    def saved(name: str, *args: str, val_size: int = 100) -> str:
+        out = tmp_path / name
+        train = ["train", "--data", "synthetic:300", "--epochs", "1", "--batch-size", "50", "--val-size"]
+        assert main([*train, str(val_size), *args, "--out", str(out)]) == 0
+        return str(out / "model.pt")
+
+    resnet = saved("resnet", "--model", "resnet", "--model-arg", "width=4", "--model-arg", "blocks=1,1,1")
+    convnet = saved("convnet", "--model", "convnet", "--model-arg", "widths=8,8")
+    path = tiny_study(images=300)
+    both = f"distill.teacher_files=['{resnet}', '{convnet}']"
+    study = load_study(path, [both])
+    lines = []
+    teacher, meta = ensure_teacher(study, log=lines.append)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        mean = (load_model(resnet)[0](x) + load_model(convnet)[0](x)) / 2
+        assert torch.allclose(teacher(x), mean, atol=1e-6)
+    accuracy = evaluate(teacher, load_data(study.data).val, torch.device("cpu")).accuracy
+    assert meta["val_acc"] == accuracy and lines[-1] == (
+        f"[teacher] the mean of their logits: validation accuracy {accuracy:.2%}"
+    )
+    assert [m["file"] for m in meta["members"]] == [resnet, convnet]
+    assert [m["val_acc"] for m in meta["members"]] == [load_model(f)[1]["val_acc"] for f in (resnet, convnet)]
+    record = teacher_record(study, meta)
+    assert record["model"] == "ensemble (resnet + convnet)" and record["file"] == f"{resnet} + {convnet}"
+    assert f"the mean logits of the saved models {resnet}, {convnet}" in describe.distillation(study)
+    assert main(["search", str(path), "--n-trials", "1", "--set", both, "--set", "distill.weight=[0.7, 0.7]"]) == 0
+    optuna_study = open_study(load_study(path, [both, "distill.weight=[0.7, 0.7]"]))
+    assert optuna_study.user_attrs["teacher"] == {**record, "val_acc": accuracy}
+    assert [t.user_attrs["config"]["train"]["distill"] for t in optuna_study.trials] == [0.7]
+
+    with pytest.raises(ValueError, match="not teacher_file and teacher_files"):
+        load_study(path, [both, f"distill.teacher_file='{resnet}'"])
+    with pytest.raises(ValueError, match="init = true with teacher_files: give init_file"):
+        load_study(path, [both, "distill.init=true"])
+    with pytest.raises(ValueError, match="teacher_files: no model file at"):
+        load_study(path, [f"distill.teacher_files=['{resnet}', '{tmp_path / 'missing.pt'}']"])
+    elsewhere = saved("other", "--model", "convnet", "--model-arg", "widths=8,8", val_size=50)
+    other = load_study(path, [f"distill.teacher_files=['{resnet}', '{elsewhere}']"])
+    with pytest.raises(ValueError, match=r"distill\.teacher_files .* must not have seen the validation images"):
+        ensure_teacher(other, log=lambda line: None)
+
+    # `microsearch train` takes them as --teacher twice; its summary names both and their accuracy
+    capsys.readouterr()
+    student = ["--model", "resnet", "--model-arg", "width=2", "--model-arg", "blocks=1,1,1"]
+    teachers = ["--teacher", resnet, "--teacher", convnet]
+    assert saved("student", *student, *teachers).endswith("model.pt")
+    summary = load_model(tmp_path / "student" / "model.pt")[1]
+    assert summary["teacher"] == {"file": f"{resnet} + {convnet}", "val_acc": accuracy}
+    assert summary["train"]["distill"] == 0.9
+    assert f"teacher {resnet} + {convnet}: validation accuracy {accuracy:.2%}" in capsys.readouterr().err
