@@ -48,7 +48,7 @@ from microsearch.evaluation.train import (
     train,
 )
 from microsearch.evaluation.views import score_text
-from microsearch.models import create_model, list_models
+from microsearch.models import Ensemble, create_model, list_models
 
 
 def _parse_kv(pairs: list[str], what: str) -> dict[str, Any]:
@@ -200,15 +200,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    model, meta = load_model(args.checkpoint)
-    trained_on = meta.get("data", {})
+    model, metas = load_models(args.checkpoints)  # several: their ensemble (mean logits), scored as all of them
+    meta, trained_on = metas[0], metas[0].get("data", {})
+    held_out = {(m.get("data", {}).get("val_size", 5000), m.get("data", {}).get("seed", 0)) for m in metas}
+    if args.split == "val" and len(held_out) > 1:
+        raise ValueError(f"{' and '.join(args.checkpoints)} held out different validation images (val_size, seed)")
     # The validation split is the one the model was selected on (same size and seed).
     val_size = trained_on.get("val_size", 5000) if args.split == "val" else 0
     if args.split == "val" and val_size == 0:
-        raise ValueError(f"{args.checkpoint} was trained on every training image: no validation images are left")
+        raise ValueError(f"{args.checkpoints[0]} was trained on every training image: no validation images are left")
     data_config = DataConfig(args.data, val_size=val_size, seed=trained_on.get("seed", 0))
     data = load_data(data_config)
-    classes = model.config.num_classes
+    classes = (model.members[0] if isinstance(model, Ensemble) else model).config.num_classes
     if len(data.classes) != classes:
         raise ValueError(f"{args.data} has {len(data.classes)} classes but the model predicts {classes}")
     split = data.test if args.split == "test" else data.val
@@ -220,7 +223,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(model, split, device, args.tta, precision)
     score = audit(model.cpu(), rule=meta.get("rule", "lab4"), passes=result.passes)
     summary = {
-        "model_file": args.checkpoint,
+        "model_file": " + ".join(args.checkpoints),
         "data": args.data,
         "split": args.split,
         "images": result.images,
@@ -236,8 +239,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        of = f" (the mean logits of {len(metas)} models)" if len(metas) > 1 else ""
         print(
-            f"{args.split} accuracy {result.accuracy:.2%} on {result.images:,} images ({result.passes} pass(es))  "
+            f"{args.split} accuracy {result.accuracy:.2%}{of} on {result.images:,} images ({result.passes} pass(es))  "
             f"score {score.score:.5f} = params {score.param_term:.5f} + ops {score.ops_term:.5f} ({score.rule})"
         )
     return 0
@@ -613,7 +617,13 @@ Runner = Callable[[argparse.Namespace], int]
 
 
 def _build_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a model.pt written by microsearch")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="MODEL.pt",
+        help="a model.pt written by microsearch; several: their ensemble (mean logits, e.g. a teacher to be), "
+        "scored as all of them",
+    )
     p.add_argument("--data", required=True, help="cifar10 | imagefolder:PATH | synthetic[:N]")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which images (default: test)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (2 passes, both scored)")

@@ -9,7 +9,7 @@ from microsearch.compression import current_plan
 from microsearch.evaluation import audit
 from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.train import evaluate
-from microsearch.models import same_layers
+from microsearch.models import Ensemble, create_model, same_layers
 from tests.helpers import assert_started_from
 
 
@@ -204,6 +204,20 @@ def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsy
     fp32 = json.loads(text)
     assert code == 0 and fp32["precision"] == "fp32"
     assert fp32["accuracy"] == evaluate(model, data.test, torch.device("cpu"), precision="fp32").accuracy
+    # Several files: their ensemble (mean logits), scored as all of its members together
+    model_b = create_model("resnet", width=2, blocks=(1, 1, 1))
+    save_model(out / "b.pt", model_b, model_meta)
+    argv = ["evaluate", str(out / "model.pt"), str(out / "b.pt"), "--data", "synthetic:600", "--split", "val"]
+    code, text, _ = _run(capsys, *argv, "--precision", "fp32", "--json")
+    both = json.loads(text)
+    ensemble = Ensemble([model, model_b])
+    assert code == 0 and both["model_file"] == f"{out / 'model.pt'} + {out / 'b.pt'}"
+    assert both["accuracy"] == evaluate(ensemble, data.val, torch.device("cpu"), precision="fp32").accuracy
+    assert both["score"] == pytest.approx(audit(model).score + audit(model_b).score)
+    assert "(the mean logits of 2 models)" in _run(capsys, *argv)[1]
+    save_model(out / "c.pt", model_b, {**model_meta, "data": {**model_meta["data"], "val_size": 50}})
+    code, _, err = _run(capsys, *argv[:2], str(out / "c.pt"), *argv[3:])
+    assert code == 2 and "held out different validation images" in err
     _image_tree(tmp_path / "three", classes=3, per_class=40)
     code, _, err = _run(
         capsys, "evaluate", str(out / "model.pt"), "--data", f"imagefolder:{tmp_path / 'three'}", "--split", "val"
