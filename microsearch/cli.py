@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from microsearch import __version__
+from microsearch import __version__, code_version
 from microsearch.checkpoint import load_model, load_models, save_model
 from microsearch.compression import QuantConfig, apply_quant_plan_, current_plan, quantize_, snap_weights_
 from microsearch.evaluation import RULES, audit
@@ -712,6 +712,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code_version()  # cached now: results name the commit this process loaded, not a later checkout's
     STOP.clear()
     sys.unraisablehook = _quiet_interrupts
     warnings.formatwarning = _one_line_warning

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from microsearch import code_version
 from microsearch.checkpoint import load_model, save_model
 from microsearch.cli import main
 from microsearch.compression import current_plan
@@ -282,3 +283,10 @@ def test_train_init_starts_from_a_float_or_quantized_model_requantizes_and_refus
     for argv, message in refusals:
         assert main([*argv, "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_command_reads_the_code_version_when_it_starts(capsys):
+    # Cards written hours later must name the commit this process loaded, not the checkout's by then.
+    code_version.cache_clear()
+    assert main(["score", "--model", "resnet", "--model-arg", "width=2", "--json"]) == 0
+    assert code_version.cache_info().currsize == 1
