@@ -1,7 +1,9 @@
 """Optuna storages from URLs: SQLite / PostgreSQL / MySQL (RDB, with heartbeats) or ``journal:PATH``.
 
 RDB storages record a heartbeat for every running trial; when a worker dies, the next worker to
-start a trial marks the silent one failed and queues a retry with the same parameters.
+start a trial marks the silent one failed and queues a retry with the same parameters. A SQLite
+file opened for searching begins every transaction with the write lock (see ``_lock_on_begin``),
+so that two workers never both take the same queued trial.
 """
 
 import random
@@ -12,7 +14,8 @@ from pathlib import Path
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
-from sqlalchemy.engine import make_url
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 CONNECT_TIMEOUT = 15  # seconds for a database server to accept and answer a connection
@@ -46,8 +49,9 @@ def open_storage(
             raise StorageError(
                 f"storage {url}: the journal file {path} cannot be read as an Optuna journal ({_first_line(e)})"
             ) from None
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # seconds to wait for another writer's lock
+    if url.startswith("sqlite"):  # timeout: seconds to wait for another writer's lock
+        # isolation_level None: sqlite3 leaves BEGIN to ``_lock_on_begin`` (writers only)
+        engine_kwargs = {"connect_args": {"timeout": 60} | ({"isolation_level": None} if create else {})}
     else:  # a server that accepts the connection but never answers must not hang the worker
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
     for attempt in range(CREATE_ATTEMPTS):
@@ -72,8 +76,22 @@ def open_storage(
         except Exception as e:  # unreachable server, bad URL, missing driver: one line, no traceback
             raise StorageError(f"cannot open storage {_hide_password(url)}: {_first_line(e)}") from None
     if create and url.startswith("sqlite"):
+        _lock_on_begin(storage.engine)
         _check_writable(storage, url)
     return storage
+
+
+def _lock_on_begin(engine: Engine) -> None:
+    """Begin every transaction on this SQLite engine with ``BEGIN IMMEDIATE`` (the write lock).
+
+    A worker takes a queued trial by reading it WAITING and writing it RUNNING in one transaction
+    (Optuna's ``SELECT ... FOR UPDATE``). SQLite has no row locks and Python's sqlite3 begins a
+    transaction only at the first write, so two workers could both read WAITING and both run the
+    trial; the second to finish then cannot tell it (optuna/optuna#4621). With the lock taken at
+    BEGIN, the second worker waits for the first to commit and reads RUNNING. (SQLAlchemy's recipe
+    for pysqlite transactions: the driver's own BEGIN is off, see ``isolation_level`` above.)
+    """
+    event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def _check_writable(storage: RDBStorage, url: str) -> None:

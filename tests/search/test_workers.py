@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -251,3 +252,29 @@ def test_workers_starting_together_on_a_new_sqlite_file_all_open_it(tmp_path):
         ]
         errors = [p.stderr.read() for p in procs if p.wait(timeout=120) != 0]
         assert not errors, errors[0]
+
+
+def test_two_workers_on_sqlite_never_both_take_one_queued_trial(tmp_path):
+    # Worker A takes the queued trial: it reads it WAITING and writes it RUNNING in one
+    # transaction, still open while worker B asks for the same trial. B must wait for A's commit
+    # and be told no; without the write lock at BEGIN it read WAITING and took the trial too.
+    url = f"sqlite:///{tmp_path / 'pop.db'}"
+    a, b = open_storage(url), open_storage(url)
+    study = optuna.create_study(study_name="pop", storage=a)
+    study.enqueue_trial({"x": 1.0})
+    trial_id = study.get_trials()[0]._trial_id
+    answer = []
+    with a.engine.begin() as connection:
+        state = connection.exec_driver_sql("SELECT state FROM trials WHERE trial_id = ?", (trial_id,)).scalar()
+        assert state == "WAITING"
+        worker_b = threading.Thread(
+            target=lambda: answer.append(b.set_trial_state_values(trial_id, TrialState.RUNNING))
+        )
+        worker_b.start()
+        time.sleep(1.0)  # B has read by now, unless it waits for A's lock
+        connection.exec_driver_sql("UPDATE trials SET state = 'RUNNING' WHERE trial_id = ?", (trial_id,))
+    worker_b.join(timeout=60)
+    assert answer == [False]
+    assert [t.state for t in optuna.load_study(study_name="pop", storage=b).get_trials()] == [TrialState.RUNNING]
+    reader = open_storage(url, create=False)  # report and dashboard: no write lock, so a read-only file opens
+    assert len(optuna.load_study(study_name="pop", storage=reader).get_trials()) == 1
