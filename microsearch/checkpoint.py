@@ -8,6 +8,7 @@ third of its float32 size. It loads with ``torch.load(path, weights_only=True)``
 """
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from microsearch.compression import apply_quant_plan_, current_plan, set_weight_levels_, weight_levels
+from microsearch.evaluation.data import DataConfig
 from microsearch.models import Ensemble, create_model, model_spec
 
 FORMAT = "microsearch-model/1"
@@ -73,6 +75,24 @@ def load_models(paths: Sequence[str | Path]) -> tuple[nn.Module, list[dict[str, 
     loaded = [load_model(path) for path in paths]
     models, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
     return (models[0] if len(models) == 1 else Ensemble(models).eval()), metas
+
+
+def check_held_out(path: str | Path, meta: dict[str, Any], data: DataConfig, what: str) -> None:
+    """Refuse the saved model at ``path`` (``what`` names where it was given) unless its metadata
+    shows it trained on ``data``'s training split: same source, validation size and seed, so that
+    it never saw the validation images that select models."""
+
+    def split(d: dict[str, Any]) -> tuple:
+        kind, _, where = str(d.get("source", "")).partition(":")
+        where = str(Path(where).expanduser().resolve()) if where and kind == "imagefolder" else where
+        return f"{kind}:{where}", d.get("val_size"), d.get("seed")
+
+    theirs, ours = split(meta.get("data") or {}), split(asdict(data))
+    if theirs != ours or "val_acc" not in meta:
+        raise ValueError(
+            f"{what} {path} was trained on (source, val_size, seed) = {theirs}, this run "
+            f"holds out {ours}: it must not have seen the validation images"
+        )
 
 
 def _rebuild(blob: dict[str, Any]) -> nn.Module:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from microsearch import __version__, code_version
-from microsearch.checkpoint import load_model, load_models, save_model
+from microsearch.checkpoint import check_held_out, load_model, load_models, save_model
 from microsearch.compression import QuantConfig, apply_quant_plan_, current_plan, quantize_, snap_weights_
 from microsearch.evaluation import RULES, audit
 from microsearch.evaluation.data import DataConfig, load_data
@@ -102,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     teacher = None
     if args.teacher:
         teacher, teacher_metas = load_models(args.teacher)
+        for path, meta in zip(args.teacher, teacher_metas, strict=True):
+            check_held_out(path, meta, data_config, "--teacher")
         settings.setdefault("distill", 0.9)
     train_config = TrainConfig(
         epochs=args.epochs,
@@ -121,7 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
     quant = _quant_config(args) if args.weight_bits or args.act_bits else None
     if args.init:
-        start, _ = load_model(args.init)
+        start, start_meta = load_model(args.init)
+        check_held_out(args.init, start_meta, data_config, "--init")
         # New bits for a quantized model: its weights, quantized afresh at them (progressive quantization,
         # e.g. 4 -> 3 bits, step sizes calibrated again); without, it trains on at its own bits and steps.
         requantize = quant is not None
@@ -183,7 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "history": [asdict(h) for h in history],
         "teacher": None if teacher is None else {"file": " + ".join(args.teacher), "val_acc": teacher_acc},
         "init": args.init,  # the saved model whose weights it started from, if any
-        "version": __version__,
+        "version": code_version(),
         "command": " ".join(sys.argv),
     }
     save_model(out / "model.pt", model.cpu(), meta)

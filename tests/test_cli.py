@@ -279,6 +279,7 @@ def test_train_init_starts_from_a_float_or_quantized_model_requantizes_and_refus
         ([*three, "--model-arg", "width=8", "--init", q_start], other),
         ([*base, "--model-arg", "width=8", "--init", start], other),
         ([*base, "--model-arg", "width=8", "--init", q_start], other),
+        ([*base, "--val-size", "50", "--init", start], f"--init {start} was trained on"),  # saw these val images
     ]
     for argv, message in refusals:
         assert main([*argv, "--out", str(tmp_path / "x")]) == 2

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
-from microsearch.checkpoint import load_model, load_models, save_model
+from microsearch.checkpoint import check_held_out, load_model, load_models, save_model
 from microsearch.evaluation.data import Dataset, load_data
 from microsearch.evaluation.train import EpochStats, TrainConfig, evaluate, print_progress, resolve_device, train
 from microsearch.models import create_model
@@ -95,7 +95,7 @@ def _saved_teacher(study: StudyConfig, data: Dataset | None, log: Callable[[str]
     model, metas = load_models(paths)
     key = "distill.teacher_file" if study.distill.teacher_file else "distill.teacher_files"
     for path, meta in zip(paths, metas, strict=True):
-        _check_split(study, path, meta, key)
+        check_held_out(path, meta, study.data, key)
         log(f"[teacher] {path}: validation accuracy {meta['val_acc']:.2%}")
     if len(paths) == 1:
         return model, metas[0]
@@ -115,25 +115,9 @@ def start_model(study: StudyConfig, teacher: nn.Module | None, log: Callable[[st
         return teacher if d.init else None
     path = Path(d.init_file).expanduser()
     model, meta = load_model(path)
-    _check_split(study, path, meta, "distill.init_file")
+    check_held_out(path, meta, study.data, "distill.init_file")
     log(f"[init] {path}: validation accuracy {meta['val_acc']:.2%}; candidates with its layers start from it")
     return model
-
-
-def _check_split(study: StudyConfig, path: Path, meta: dict, key: str) -> None:
-    """Refuse a saved model that was not trained on the study's training split."""
-
-    def split(data: dict) -> tuple:
-        kind, _, where = str(data.get("source", "")).partition(":")
-        where = str(Path(where).expanduser().resolve()) if where and kind == "imagefolder" else where
-        return f"{kind}:{where}", data.get("val_size"), data.get("seed")
-
-    theirs, ours = split(meta.get("data") or {}), split(asdict(study.data))
-    if theirs != ours or "val_acc" not in meta:
-        raise ValueError(
-            f"{key} {path} was trained on (source, val_size, seed) = {theirs}, the study "
-            f"holds out {ours}: it must not have seen the validation images"
-        )
 
 
 def _train_teacher(study: StudyConfig, path: Path, data: Dataset, log: Callable[[str], None]) -> None:

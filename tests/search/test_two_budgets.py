@@ -285,3 +285,7 @@ def test_saved_models_teach_together_through_their_mean_logits(tiny_study, tmp_p
     assert summary["teacher"] == {"file": f"{resnet} + {convnet}", "val_acc": accuracy}
     assert summary["train"]["distill"] == 0.9
     assert f"teacher {resnet} + {convnet}: validation accuracy {accuracy:.2%}" in capsys.readouterr().err
+    # a teacher that held out other images could have trained on this run's validation images
+    refused = ["--epochs", "1", "--out", str(tmp_path / "x"), "--teacher", elsewhere]
+    assert main(["train", "--data", "synthetic:300", "--val-size", "100", *student, *refused]) == 2
+    assert f"--teacher {elsewhere} was trained on" in capsys.readouterr().err
