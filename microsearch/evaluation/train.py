@@ -48,6 +48,13 @@ COMPILE = ("auto", "on", "off")
 COMPILE_MIN_STEPS = 300
 COMPILE_MIN_STEPS_FLOAT = 2500
 PROGRESS_SECONDS = 2.0  # between two ``on_progress`` calls
+# Images per forward pass without gradients (validation, a teacher's soft labels). On a CPU, the
+# activations of a large batch overflow the caches and the elementwise layers (quantizers,
+# BatchNorm, ReLU) run at memory speed: on 2 AMD EPYC cores (AVX2, fp32) a 4/4-bit ResNet-20 at
+# width 24 infers 81 images/s at batch 1000 and 312 at batch 64, a float ResNet-20 616 and 1,198,
+# with the same logits to the bit (eval mode: each image's output is its own).
+INFERENCE_BATCH = {"cpu": 64}
+INFERENCE_BATCH_DEFAULT = 1000  # GPUs: large batches keep them busy
 # Set by the command line's SIGINT / SIGTERM handler. The KeyboardInterrupt that handler raises can
 # land in a weakref callback (torch.compile keeps many), where Python swallows it; the loop checks
 # this flag every step, so a stop request is never lost.
@@ -243,13 +250,24 @@ def evaluate(
     dtype = resolve_precision(precision, device)
     model.to(device, memory_format=torch.channels_last).eval()
     correct = torch.zeros((), device=device)
-    for x, y in DeviceLoader(split, 1000, device, torch.float32):
+    for x, y in DeviceLoader(split, inference_batch(device), device, torch.float32):
         with _autocast(device, dtype):
             logits = model(x).float()
             if tta:
                 logits = logits + model(x.flip(3)).float()
         correct += (logits.argmax(1) == y).sum()
     return Evaluation(correct.item() / max(1, len(split)), 2 if tta else 1, len(split))
+
+
+def inference_batch(device: torch.device) -> int:
+    """Images per forward pass without gradients on ``device`` (see ``INFERENCE_BATCH``)."""
+    return INFERENCE_BATCH.get(device.type, INFERENCE_BATCH_DEFAULT)
+
+
+def _infer(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``model(x)`` without gradients, ``batch`` images at a time."""
+    with torch.no_grad():
+        return torch.cat([model(part) for part in x.split(batch)])
 
 
 def mixup_loss(
@@ -346,6 +364,7 @@ def train(
         raise ValueError(f"TrainConfig.distill = {config.distill} needs a teacher network")
     if config.distill:
         teacher = teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+        teacher_batch = inference_batch(device)
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -370,6 +389,8 @@ def train(
     mix = torch.distributions.Beta(config.mixup, config.mixup) if config.mixup > 0 else None
     total = config.epochs * len(loader)
     compile_on = _should_compile(config, model, total)
+    if config.distill:  # by the same rule: a quantized teacher's soft labels cost what its quantizers do
+        teacher = _compiled(teacher, _should_compile(config, teacher, total))
     # A float warm-up only for quantizers that start from scratch (not when fine-tuning).
     warm_up = config.float_warmup and not calibrated(model)
     float_epochs = math.floor(recipe.float_warmup * config.epochs) if warm_up else 0
@@ -439,10 +460,9 @@ def train(
                 logits = step_model(x_in)
                 loss = mixup_loss(logits, y, perm, lam, config.label_smoothing)
                 if config.distill:
-                    with torch.no_grad():
-                        soft = teacher(x_in)
-                        if config.teacher_tta:
-                            soft = (soft + teacher(x_in.flip(3))) / 2
+                    soft = _infer(teacher, x_in, teacher_batch)
+                    if config.teacher_tta:
+                        soft = (soft + _infer(teacher, x_in.flip(3), teacher_batch)) / 2
                     loss = (1 - config.distill) * loss + config.distill * distillation_loss(
                         logits, soft, config.temperature
                     )

@@ -198,6 +198,17 @@ def test_auto_compiles_quantized_models_on_short_runs_and_float_models_on_long_o
     assert compiles(_quantized(), steps, steps + 1) and not compiles(float_model(), steps, steps + 1)
     assert not compiles(_quantized(), steps + 1, steps) and compiles(float_model(), steps + 1, steps)
     assert not compiles(_quantized(), steps, steps, mode="off") and compiles(float_model(), 10**6, 10**6, mode="on")
+    # a teacher by the same rule: compiled where it is quantized and the run long enough
+    monkeypatch.setattr(train_module, "COMPILE_MIN_STEPS", steps)
+    monkeypatch.setattr(train_module, "COMPILE_MIN_STEPS_FLOAT", steps + 1)
+    for teacher, student, expected in (
+        (_quantized(), float_model(), "teacher"),
+        (float_model(), float_model(), ""),
+        (_quantized(), _quantized(), "teacher student"),
+    ):
+        compiled.clear()
+        train(student, small_data, replace(config, distill=0.5), teacher=teacher)
+        assert " ".join("teacher" if m is teacher else "student" for m in compiled) == expected
 
 
 def test_compile_falls_back_to_eager_with_one_warning(small_data, monkeypatch):
@@ -353,11 +364,14 @@ class _Recording(nn.Module):
 
 
 @pytest.mark.parametrize("teacher_tta", [False, True])
-def test_the_teacher_sees_each_batch_and_with_teacher_tta_its_mirror(small_data, teacher_tta):
+def test_the_teacher_sees_each_batch_and_with_teacher_tta_its_mirror(small_data, teacher_tta, monkeypatch):
+    monkeypatch.setattr(train_module, "INFERENCE_BATCH", {"cpu": 150})  # each batch of 400 in 3 parts
     teacher = _Recording()
     config = TrainConfig(epochs=1, batch_size=400, lr=0.1, distill=0.5, teacher_tta=teacher_tta, compile="off")
     train(create_model("resnet", width=2, blocks=(1, 1, 1)), small_data, config, teacher=teacher)
     steps = len(small_data.train) // 400
+    assert [len(x) for x in teacher.seen] == [150, 150, 100] * (2 if teacher_tta else 1) * steps
+    teacher.seen = [torch.cat(teacher.seen[i : i + 3]) for i in range(0, len(teacher.seen), 3)]
     if not teacher_tta:
         assert len(teacher.seen) == steps
         return
