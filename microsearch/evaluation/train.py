@@ -50,9 +50,9 @@ COMPILE_MIN_STEPS_FLOAT = 2500
 PROGRESS_SECONDS = 2.0  # between two ``on_progress`` calls
 # Images per forward pass without gradients (validation, a teacher's soft labels). On a CPU, the
 # activations of a large batch overflow the caches and the elementwise layers (quantizers,
-# BatchNorm, ReLU) run at memory speed: on 2 AMD EPYC cores (AVX2, fp32) a 4/4-bit ResNet-20 at
-# width 24 infers 81 images/s at batch 1000 and 312 at batch 64, a float ResNet-20 616 and 1,198,
-# with the same logits to the bit (eval mode: each image's output is its own).
+# BatchNorm, ReLU) run at memory speed: on 2 AMD EPYC cores (AVX2, fp32) a 4/4-bit ResNet-20
+# evaluates 108 images/s at batch 1000 and 469 at batch 64, a float one 668 and 1,265, with the
+# same logits to the bit (benchmarks/inference_batch.py; eval mode: each image's output is its own).
 INFERENCE_BATCH = {"cpu": 64}
 INFERENCE_BATCH_DEFAULT = 1000  # GPUs: large batches keep them busy
 # Set by the command line's SIGINT / SIGTERM handler. The KeyboardInterrupt that handler raises can
