@@ -23,7 +23,14 @@ from microsearch.checkpoint import load_model
 from microsearch.compression import QuantConfig, calibrate_, quantize_
 from microsearch.evaluation import train as train_module
 from microsearch.evaluation.data import DataConfig, load_data
-from microsearch.evaluation.train import device_name, evaluate, precision_name, resolve_device, resolve_precision
+from microsearch.evaluation.train import (
+    device_name,
+    evaluate,
+    infer,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+)
 from microsearch.models import create_model
 
 
@@ -34,11 +41,6 @@ def built(quantized: bool) -> torch.nn.Module:
         quantize_(model, QuantConfig(weight_bits=4, act_bits=4, first_last_bits=8))
         calibrate_(model, torch.randn(256, 3, 32, 32))
     return model.eval()
-
-
-def logits(model: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(part) for part in x.split(batch)])
 
 
 def main() -> None:
@@ -60,7 +62,7 @@ def main() -> None:
     rows = []
     for name, model in models.items():
         model = model.to(device, memory_format=torch.channels_last).eval()
-        reference = logits(model, x, max(batches))
+        reference = infer(model, x, max(batches))
         best = {b: 0.0 for b in batches}
         for _ in range(args.rounds):  # interleaved: a slow moment of the machine hits every size
             for b in batches:
@@ -68,7 +70,7 @@ def main() -> None:
                 start = time.perf_counter()
                 evaluate(model, split, device, precision=args.precision)
                 best[b] = max(best[b], len(split) / (time.perf_counter() - start))
-        same = all(torch.equal(logits(model, x, b), reference) for b in batches)
+        same = all(torch.equal(infer(model, x, b), reference) for b in batches)
         rows.append(
             {"model": name, "images_per_second": {str(b): round(r, 1) for b, r in best.items()}, "same_logits": same}
         )

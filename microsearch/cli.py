@@ -18,7 +18,14 @@ import torch
 
 from microsearch import __version__, code_version
 from microsearch.checkpoint import check_held_out, load_model, load_models, save_model
-from microsearch.compression import QuantConfig, apply_quant_plan_, current_plan, quantize_, snap_weights_
+from microsearch.compression import (
+    QuantConfig,
+    apply_quant_plan_,
+    current_plan,
+    quantize_,
+    requantize_layers_,
+    snap_weights_,
+)
 from microsearch.evaluation import RULES, audit
 from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.plots import export_html, sweep_figure, write_html
@@ -65,6 +72,18 @@ def _parse_kv(pairs: list[str], what: str) -> dict[str, Any]:
     return out
 
 
+def _parse_layer_bits(pairs: list[str]) -> dict[str, tuple[int, int]]:
+    """``["stages.2=3/3"]`` -> ``{"stages.2": (3, 3)}``."""
+    out = {}
+    for pair in pairs:
+        name, _, bits = pair.partition("=")
+        w, _, a = bits.partition("/")
+        if not (name and w.isdigit() and a.isdigit()):
+            raise ValueError(f"--layer-bits {pair!r} is not of the form NAME=W/A, e.g. stages.2=3/3")
+        out[name] = (int(w), int(a))
+    return out
+
+
 def _log(message: str) -> None:
     clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # over an updating progress line
     print(clear + message, file=sys.stderr, flush=True)
@@ -74,15 +93,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.model is None):
         raise ValueError("give either a model file or --model NAME")
     if args.checkpoint:
-        if args.model_arg or args.weight_bits or args.act_bits:
-            raise ValueError("--model-arg/--weight-bits/--act-bits apply to --model, not to a model file")
+        if args.model_arg or args.weight_bits or args.act_bits or args.layer_bits:
+            raise ValueError("--model-arg and the --*-bits options apply to --model, not to a model file")
         model, meta = load_model(args.checkpoint)
         passes = meta.get("passes", 1)
         args.rule = args.rule or meta.get("rule", "lab4")  # the rule the file was scored under
     else:
         torch.manual_seed(0)  # a fixed initialisation, so counted nonzeros are reproducible
         model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
-        if args.weight_bits or args.act_bits:
+        if args.weight_bits or args.act_bits or args.layer_bits:
             quantize_(model, _quant_config(args))
         passes = 1
     score = audit(model, rule=args.rule or "lab4", passes=passes)
@@ -92,7 +111,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def _quant_config(args: argparse.Namespace) -> QuantConfig:
     return QuantConfig(
-        weight_bits=args.weight_bits or 32, act_bits=args.act_bits or 32, first_last_bits=args.first_last_bits
+        weight_bits=args.weight_bits or 32,
+        act_bits=args.act_bits or 32,
+        first_last_bits=args.first_last_bits,
+        layer_bits=_parse_layer_bits(args.layer_bits),
     )
 
 
@@ -121,13 +143,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--set distill needs --teacher MODEL.pt")
     torch.manual_seed(args.seed)
     model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
-    quant = _quant_config(args) if args.weight_bits or args.act_bits else None
+    quant = _quant_config(args) if args.weight_bits or args.act_bits or args.layer_bits else None
     if args.init:
         start, start_meta = load_model(args.init)
         check_held_out(args.init, start_meta, data_config, "--init")
         # New bits for a quantized model: its weights, quantized afresh at them (progressive quantization,
-        # e.g. 4 -> 3 bits, step sizes calibrated again); without, it trains on at its own bits and steps.
-        requantize = quant is not None
+        # e.g. 4 -> 3 bits, step sizes calibrated again); without, it trains on at its own bits and steps,
+        # or with --layer-bits alone, the layers it names at new bits and the others as they were.
+        requantize = bool(args.weight_bits or args.act_bits)
         with contextlib.suppress(AttributeError, ValueError):  # a layer missing or of another kind: caught below
             apply_quant_plan_(model, {} if requantize else current_plan(start))
         own = model.state_dict()
@@ -136,6 +159,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--init {args.init} does not have the layers of this --model and --model-arg")
         model.load_state_dict(state)
         train_config = replace(train_config, float_warmup=False)  # trained weights: quantized from epoch 1
+        if not requantize and quant is not None:
+            requantize_layers_(model, quant.layer_bits)
+            quant = None
     if quant is not None:
         quantize_(model, quant)  # all at 32 bits: the float network (of a quantized --init, its float weights)
     started = time.perf_counter()
@@ -566,6 +592,14 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument(
         "--first-last-bits", type=int, help="weights and inputs of the stem and the classifier (default: the same)"
     )
+    p.add_argument(
+        "--layer-bits",
+        action="append",
+        default=[],
+        metavar="NAME=W/A",
+        help="weight and input bits of one layer or of every layer under a module, e.g. stages.2=3/3 "
+        "(repeatable; the most specific name wins; names as `microsearch score` lists them)",
+    )
 
 
 def _build_score(p: argparse.ArgumentParser) -> None:
@@ -602,7 +636,7 @@ def _build_train(p: argparse.ArgumentParser) -> None:
         help="start from this saved model's weights (same layers): a float model is quantized from the first "
         "epoch; a quantized one trains on at its own bits and step sizes, or with --weight-bits/--act-bits its "
         "weights are quantized afresh at those bits (progressive quantization, e.g. 4 -> 3 bits; at 32 and 32: "
-        "its float network)",
+        "its float network), or with --layer-bits alone only the layers it names (e.g. stages.2=3/3)",
     )
     p.add_argument(
         "--set",

@@ -286,6 +286,36 @@ def test_train_init_starts_from_a_float_or_quantized_model_requantizes_and_refus
         assert message in capsys.readouterr().err
 
 
+def test_train_init_with_layer_bits_requantizes_only_the_layers_it_names(capsys, tmp_path):
+    base = ["train", "--data", "synthetic:300", "--val-size", "100", "--model", "resnet", "--model-arg", "width=4"]
+    base += ["--model-arg", "blocks=1,1,1", "--batch-size", "50", "--epochs", "1"]
+    q4 = ["--weight-bits", "4", "--act-bits", "4", "--first-last-bits", "8"]
+    assert main([*base, *q4, "--out", str(tmp_path / "q4")]) == 0
+    start = str(tmp_path / "q4" / "model.pt")
+    argv = [*base, "--lr", "1e-6", "--init", start, "--layer-bits", "stages.2=3/3", "--out", str(tmp_path / "s2")]
+    assert main(argv) == 0
+    before, _ = load_model(start)
+    after, meta = load_model(tmp_path / "s2" / "model.pt")
+    assert meta["init"] == start
+    changed = {n: b for n, b in current_plan(after).items() if b != current_plan(before)[n]}
+    stage = ("stages.2.0.conv1.0", "stages.2.0.conv2.0", "stages.2.0.shortcut.0")
+    assert changed == {n: {"weight": 3, "act": 3, "bias": 16} for n in stage}
+    for name, step in before.state_dict().items():
+        if name.endswith("weight_quant.scale"):
+            new = after.state_dict()[name].item()
+            if name.startswith(stage):
+                assert new > 1.3 * step.item(), name  # calibrated again at 3 bits
+            else:
+                assert new == pytest.approx(step.item(), rel=1e-3), name  # trained on from its stored step
+    capsys.readouterr()
+    code, _, err = _run(capsys, "score", start, "--layer-bits", "stages.2=3/3")
+    assert code == 2 and "apply to --model, not to a model file" in err
+    code, _, err = _run(capsys, "score", "--model", "resnet20", "--weight-bits", "4", "--layer-bits", "stages.2=3")
+    assert code == 2 and "--layer-bits 'stages.2=3' is not of the form NAME=W/A" in err
+    code, _, err = _run(capsys, "score", "--model", "resnet20", "--weight-bits", "4", "--layer-bits", "stage.2=3/3")
+    assert code == 2 and "layer_bits names unknown layers ['stage.2']" in err
+
+
 def test_a_command_reads_the_code_version_when_it_starts(capsys):
     # Cards written hours later must name the commit this process loaded, not the checkout's by then.
     code_version.cache_clear()

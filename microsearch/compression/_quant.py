@@ -61,7 +61,9 @@ class QuantConfig:
     # accuracy for little memory, and deployments fold them into a 16-bit bias.
     bias_bits: int | None = None
     first_last_bits: int | None = None  # weights and activations of the first and last layer
-    layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (weight, act)
+    # (weight, act) bits by layer name or module prefix ("stages.2": every layer under it); the
+    # longest key that matches a layer wins
+    layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits, WEIGHT_BITS)
@@ -311,14 +313,30 @@ def compute_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def resolve_layer_bits(names: list[str], layer_bits: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """``(weight, act)`` bits of each layer in ``names`` that a key of ``layer_bits`` names, the key a
+    layer name or a module prefix ("stages.2" names "stages.2.0.conv1.0"); the longest matching key wins."""
+
+    def names_it(name: str, key: str) -> bool:
+        return name == key or name.startswith(key + ".")
+
+    unknown = sorted(k for k in layer_bits if not any(names_it(n, k) for n in names))
+    if unknown:
+        raise ValueError(f"layer_bits names unknown layers {unknown}")
+    resolved = {}
+    for name in names:
+        keys = [k for k in layer_bits if names_it(name, k)]
+        if keys:
+            resolved[name] = tuple(layer_bits[max(keys, key=len)])
+    return resolved
+
+
 def quant_plan(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, int]]:
     """Resolve ``config`` into per-layer bits for every conv, linear and BatchNorm of ``model``; a layer
     at 32 bits throughout (weights, inputs, biases) is float and left out."""
     bias_bits = config.bias_bits or max(16, config.weight_bits)
     names = compute_layers(model)
-    unknown = sorted(set(config.layer_bits) - set(names))
-    if unknown:
-        raise ValueError(f"layer_bits names unknown layers {unknown}")
+    layer_bits = resolve_layer_bits(names, config.layer_bits)
     ends = {names[0], names[-1]} if config.first_last_bits is not None else set()
     plan = {}
     for name, module in model.named_modules():
@@ -328,21 +346,21 @@ def quant_plan(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, int
             w, a = config.weight_bits, config.act_bits
             if name in ends:
                 w = a = config.first_last_bits
-            w, a = config.layer_bits.get(name, (w, a))
+            w, a = layer_bits.get(name, (w, a))
             plan[name] = asdict(LayerBits(w, a, bias_bits))
     return {name: bits for name, bits in plan.items() if set(bits.values()) != {32}}
 
 
 def apply_quant_plan_(model: nn.Module, plan: dict[str, dict[str, int]]) -> nn.Module:
     """Replace the layers named in ``plan`` (through their parents) by quantized layers built
-    around the same parameters and buffers."""
+    around the same parameters and buffers; a layer quantized already gets new quantizers."""
     for name, bits in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = parent.get_submodule(child)
         if prune.is_pruned(old):
             raise ValueError(f"layer {name} carries a pruning mask; quantize before pruning")
-        quant_class = _QUANT_CLASSES.get(type(old))
+        quant_class = type(old) if isinstance(old, QUANT_LAYERS) else _QUANT_CLASSES.get(type(old))
         if quant_class is None:
             raise ValueError(f"layer {name} is a {type(old).__name__}, which has no quantized version")
         setattr(parent, child, quant_class.from_float(old, LayerBits(**bits)))
@@ -352,6 +370,21 @@ def apply_quant_plan_(model: nn.Module, plan: dict[str, dict[str, int]]) -> nn.M
 def quantize_(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, int]]:
     """Quantize ``model`` in place for quantization-aware training; returns the per-layer plan."""
     plan = quant_plan(model, config)
+    apply_quant_plan_(model, plan)
+    return plan
+
+
+def requantize_layers_(model: nn.Module, layer_bits: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
+    """Give the layers that ``layer_bits`` names (as in ``QuantConfig.layer_bits``) new weight and input
+    bits, with step sizes calibrated afresh on the next batch; every other layer keeps its bits and its
+    learned steps (progressive quantization of part of a trained model). Returns the changed layers' plan."""
+    plan = {}
+    for name, (w, a) in resolve_layer_bits(compute_layers(model), layer_bits).items():
+        layer = model.get_submodule(name)
+        bias = layer.bits.bias if isinstance(layer, QUANT_LAYERS) else 32
+        bits = asdict(LayerBits(w, a, bias))
+        if not isinstance(layer, QUANT_LAYERS) or asdict(layer.bits) != bits:
+            plan[name] = bits
     apply_quant_plan_(model, plan)
     return plan
 

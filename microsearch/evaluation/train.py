@@ -264,7 +264,7 @@ def inference_batch(device: torch.device) -> int:
     return INFERENCE_BATCH.get(device.type, INFERENCE_BATCH_DEFAULT)
 
 
-def _infer(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+def infer(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
     """``model(x)`` without gradients, ``batch`` images at a time."""
     with torch.no_grad():
         return torch.cat([model(part) for part in x.split(batch)])
@@ -460,9 +460,9 @@ def train(
                 logits = step_model(x_in)
                 loss = mixup_loss(logits, y, perm, lam, config.label_smoothing)
                 if config.distill:
-                    soft = _infer(teacher, x_in, teacher_batch)
+                    soft = infer(teacher, x_in, teacher_batch)
                     if config.teacher_tta:
-                        soft = (soft + _infer(teacher, x_in.flip(3), teacher_batch)) / 2
+                        soft = (soft + infer(teacher, x_in.flip(3), teacher_batch)) / 2
                     loss = (1 - config.distill) * loss + config.distill * distillation_loss(
                         logits, soft, config.temperature
                     )

@@ -14,6 +14,7 @@ from microsearch.compression import (
     install_training_hooks,
     quant_plan,
     quantize_,
+    requantize_layers_,
     set_quantization_,
     snap_weights_,
     weight_levels,
@@ -99,6 +100,34 @@ def test_per_layer_overrides_and_their_errors():
     assert plan["stages.1.0.conv2.0"]["weight"] == 3 and plan["stages.1.0.conv2.0"]["act"] == 5
     with pytest.raises(ValueError, match="unknown layers"):
         quant_plan(model, QuantConfig(4, 4, layer_bits={"nope": (4, 4)}))
+    # a module prefix names every layer under it; the most specific key wins
+    plan = quant_plan(model, QuantConfig(4, 4, layer_bits={"stages.1": (3, 3), "stages.1.0.conv2.0": (2, 4)}))
+    under = {n: (b["weight"], b["act"]) for n, b in plan.items() if n.startswith("stages.1.") and b["weight"] < 16}
+    assert under == {"stages.1.0.conv1.0": (3, 3), "stages.1.0.conv2.0": (2, 4), "stages.1.0.shortcut.0": (3, 3)}
+    assert (plan["stages.2.0.conv1.0"]["weight"], plan["stem.0"]["act"]) == (4, 4)
+    with pytest.raises(ValueError, match=r"unknown layers \['stages.1.0.conv'\]"):  # names, not text prefixes
+        quant_plan(model, QuantConfig(4, 4, layer_bits={"stages.1.0.conv": (3, 3)}))
+
+
+def test_requantizing_some_layers_calibrates_them_again_and_keeps_every_other_step():
+    model = create_model("resnet", width=4, blocks=(1, 1, 1))
+    quantize_(model, QuantConfig(4, 4, first_last_bits=8))
+    calibrate_(model, torch.randn(8, 3, 32, 32))
+    steps = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("_quant.scale")}
+    weights = {n: p for n, p in model.named_parameters() if not n.endswith("_quant.scale")}
+    plan = requantize_layers_(model, {"stages.2": (3, 3), "stem.0": (8, 8)})  # the stem keeps its bits
+    assert sorted(plan) == ["stages.2.0.conv1.0", "stages.2.0.conv2.0", "stages.2.0.shortcut.0"]
+    assert all(bits == {"weight": 3, "act": 3, "bias": 16} for bits in plan.values())
+    assert {n: b for n, b in current_plan(model).items() if n in plan} == plan
+    assert not calibrated(model)  # the three new quantizer pairs wait for a batch
+    for name, p in model.named_parameters():
+        if (name.endswith("_quant.scale") and not name.startswith(tuple(plan))) or name in weights:
+            assert torch.equal(p, steps.get(name, weights.get(name))), name  # kept as they were
+    assert model.get_parameter("stages.2.0.conv1.0.weight") is weights["stages.2.0.conv1.0.weight"]
+    calibrate_(model, torch.randn(8, 3, 32, 32))
+    new_step = model.get_parameter("stages.2.0.conv2.0.weight_quant.scale").item()
+    assert new_step > 1.3 * steps["stages.2.0.conv2.0.weight_quant.scale"].item()  # 3 levels a side, not 7
+    assert requantize_layers_(model, {"stages.2": (3, 3)}) == {}  # already there: nothing changes
 
 
 @pytest.mark.parametrize(
