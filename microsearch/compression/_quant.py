@@ -381,9 +381,9 @@ def requantize_layers_(model: nn.Module, layer_bits: dict[str, tuple[int, int]])
     plan = {}
     for name, (w, a) in resolve_layer_bits(compute_layers(model), layer_bits).items():
         layer = model.get_submodule(name)
-        bias = layer.bits.bias if isinstance(layer, QUANT_LAYERS) else 32
-        bits = asdict(LayerBits(w, a, bias))
-        if not isinstance(layer, QUANT_LAYERS) or asdict(layer.bits) != bits:
+        now = asdict(layer.bits) if isinstance(layer, QUANT_LAYERS) else None  # None: a float layer
+        bits = asdict(LayerBits(w, a, now["bias"] if now else 32))
+        if bits != now:
             plan[name] = bits
     apply_quant_plan_(model, plan)
     return plan
