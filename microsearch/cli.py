@@ -55,7 +55,7 @@ from microsearch.evaluation.train import (
     train,
 )
 from microsearch.evaluation.views import score_text
-from microsearch.models import Ensemble, create_model, list_models
+from microsearch.models import Ensemble, create_model, list_models, model_spec
 
 
 def _parse_kv(pairs: list[str], what: str) -> dict[str, Any]:
@@ -141,12 +141,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if train_config.distill and teacher is None:
         raise ValueError("--set distill needs --teacher MODEL.pt")
-    torch.manual_seed(args.seed)
-    model = create_model(args.model, **_parse_kv(args.model_arg, "--model-arg"))
-    quant = _quant_config(args) if args.weight_bits or args.act_bits or args.layer_bits else None
+    start = None
     if args.init:
         start, start_meta = load_model(args.init)
         check_held_out(args.init, start_meta, data_config, "--init")
+    elif args.model is None:
+        raise ValueError("train needs --model NAME, or --init MODEL.pt to continue a saved model's network")
+    if args.model is None and args.model_arg:
+        raise ValueError("--model-arg needs --model; without it, the network is the --init model's own")
+    spec = model_spec(start) if args.model is None else {"name": args.model, "config": {}}
+    torch.manual_seed(args.seed)
+    model = create_model(spec["name"], **spec["config"], **_parse_kv(args.model_arg, "--model-arg"))
+    quant = _quant_config(args) if args.weight_bits or args.act_bits or args.layer_bits else None
+    if start is not None:
         # New bits for a quantized model: its weights, quantized afresh at them (progressive quantization,
         # e.g. 4 -> 3 bits, step sizes calibrated again); without, it trains on at its own bits and steps,
         # or with --layer-bits alone, the layers it names at new bits and the others as they were.
@@ -206,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     meta = {
         **summary,
-        "model": args.model,
+        "model": spec["name"],
         "data": asdict(data_config),
         "train": asdict(train_config),
         "history": [asdict(h) for h in history],
@@ -306,7 +313,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "sensitivity.json").write_text(json.dumps(ctx.sensitive, indent=2) + "\n")
         _log(f"sensitivity of {len(ctx.sensitive)} blocks written to {out / 'sensitivity.json'}")
-    rows = run_sweep(args.checkpoint, args.method, ratios, ctx, log=_log)
+
+    def save(model: torch.nn.Module, row: dict) -> str:
+        path = out / "models" / f"{row['method']}-{row['ratio']:g}.pt"
+        # The source's metadata (data split, recipe, passes, rule) with this model's own figures.
+        own = {**row, "history": [], "pruned_from": args.checkpoint, "version": code_version()}
+        save_model(path, model, {**meta, **own, "command": " ".join(sys.argv)})
+        return str(path)
+
+    rows = run_sweep(args.checkpoint, args.method, ratios, ctx, log=_log, save=save if args.save else None)
     merged = save_rows(out, rows)
     write_html(sweep_figure(merged), out / "sweep.html")
     if args.png:
@@ -578,8 +593,8 @@ def _build_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pdf", action="store_true", help="also print the report to report.pdf (needs Chromium)")
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--model", required=required, choices=list_models(), help="registered model name")
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=list_models(), help="registered model name")
     p.add_argument(
         "--model-arg",
         action="append",
@@ -604,14 +619,14 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _build_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="a model.pt written by microsearch")
-    _add_model_args(p, required=False)
+    _add_model_args(p)
     p.add_argument("--rule", choices=list(RULES), help="score accounting rule (default: the file's, else lab4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _build_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="cifar10 | imagefolder:PATH | synthetic[:N]")
-    _add_model_args(p, required=True)
+    _add_model_args(p)
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--out", required=True, help="folder for model.pt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -633,7 +648,8 @@ def _build_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--init",
         metavar="MODEL.pt",
-        help="start from this saved model's weights (same layers): a float model is quantized from the first "
+        help="start from this saved model's weights (its network, or --model's, which must have the same layers): "
+        "a float model is quantized from the first "
         "epoch; a quantized one trains on at its own bits and step sizes, or with --weight-bits/--act-bits its "
         "weights are quantized afresh at those bits (progressive quantization, e.g. 4 -> 3 bits; at 32 and 32: "
         "its float network), or with --layer-bits alone only the layers it names (e.g. stages.2=3/3)",
@@ -688,6 +704,11 @@ def _build_sweep(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--png", action="store_true", help="also write sweep.png, the figure as an image (needs Chromium)")
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="write each pruned model as OUT/models/METHOD-RATIO.pt (e.g. for train --init)",
+    )
     _add_speed_args(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
 

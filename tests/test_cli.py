@@ -130,6 +130,7 @@ def test_train_writes_a_model_whose_rescore_matches(capsys, tmp_path):
             ],
             "TrainConfig.cutout",
         ),
+        (["train", "--data", "synthetic", "--epochs", "1", "--out", "x"], "train needs --model NAME, or --init"),
         (["score", "--model", "resnet", "--weight-bits", "12"], "weight_bits"),
         (["score"], "give either a model file or --model"),
     ],
@@ -314,6 +315,37 @@ def test_train_init_with_layer_bits_requantizes_only_the_layers_it_names(capsys,
     assert code == 2 and "--layer-bits 'stages.2=3' is not of the form NAME=W/A" in err
     code, _, err = _run(capsys, "score", "--model", "resnet20", "--weight-bits", "4", "--layer-bits", "stage.2=3/3")
     assert code == 2 and "layer_bits names unknown layers ['stage.2']" in err
+
+
+def test_sweep_saves_pruned_models_that_train_init_continues_without_model_args(capsys, tmp_path):
+    base = ["--data", "synthetic:300", "--val-size", "100"]
+    q4 = ["--model", "resnet", "--model-arg", "width=4", "--model-arg", "blocks=1,1,1", "--weight-bits", "4"]
+    q4 += ["--act-bits", "4", "--epochs", "1", "--batch-size", "50"]
+    assert main(["train", *base, *q4, "--out", str(tmp_path)]) == 0
+    start = str(tmp_path / "model.pt")
+    capsys.readouterr()
+    sweep = ["sweep", start, "--data", "synthetic:300", "--method", "li", "--ratios", "0.5", "--save"]
+    assert main([*sweep, "--out", str(tmp_path / "li"), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["model_file"] == str(tmp_path / "li" / "models" / "li-0.5.pt")
+    pruned, meta = load_model(row["model_file"])
+    assert pruned.config.mid_channels == (2, 4, 8)  # half of each block's 4, 8, 16 inner filters
+    assert (meta["val_acc"], meta["score"], meta["pruned_from"]) == (row["val_acc"], row["score"], start)
+    score = audit(pruned, meta["rule"], passes=meta["passes"])
+    assert (score.score, score.params, score.nonzero_params) == (row["score"], row["params"], row["nonzero_params"])
+    data = load_data(DataConfig("synthetic:300", val_size=100))
+    assert evaluate(pruned, data.val, torch.device("cpu")).accuracy == row["val_acc"]
+    # Its own network, bits and step sizes: no --model, --model-arg or --*-bits to retype.
+    out = tmp_path / "ft"
+    argv = ["train", *base, "--init", row["model_file"], "--epochs", "1", "--batch-size", "50", "--lr", "1e-6"]
+    assert main([*argv, "--out", str(out)]) == 0
+    after, after_meta = load_model(out / "model.pt")
+    assert after.config == pruned.config and after_meta["model"] == "resnet"
+    assert current_plan(after) == current_plan(pruned)
+    assert audit(after).params == score.params
+    capsys.readouterr()
+    code, _, err = _run(capsys, *argv, "--model-arg", "width=8", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--model-arg needs --model; without it, the network is the --init model's own" in err
 
 
 def test_a_command_reads_the_code_version_when_it_starts(capsys):

@@ -5,6 +5,7 @@ ratio in every layer), ``han`` (prune + retrain in steps that share the fine-tun
 others get in one go), ``li`` (L1 filter pruning) and ``thinet`` (filters chosen by reconstruction
 error). For unstructured methods the ratio is the fraction of conv/linear weights set to zero; for
 ``li`` and ``thinet`` it is the fraction of inner filters of every residual block that is removed.
+Each pruned model can be saved as a model file that ``train --init`` continues from.
 """
 
 import csv
@@ -31,6 +32,7 @@ from microsearch.compression import (
     prune_global_,
     prune_layers_,
     sensitivity,
+    snap_weights_,
     sparsity,
 )
 from microsearch.evaluation.data import Dataset
@@ -130,8 +132,10 @@ def run_sweep(
     ratios: list[float],
     ctx: SweepContext,
     log: Callable[[str], None] = print,
+    save: Callable[[nn.Module, dict], str] | None = None,
 ) -> list[dict]:
-    """One row per ratio: the method applied to a fresh copy of the saved model, then audited."""
+    """One row per ratio: the method applied to a fresh copy of the saved model, then audited.
+    ``save(model, row)``, if given, writes each pruned model and returns its path, which the row keeps."""
     if method not in METHODS:
         raise ValueError(f"unknown sweep method {method!r}; choose from {', '.join(METHODS)}")
     check_ratios(ratios)
@@ -141,6 +145,7 @@ def run_sweep(
         model, _ = load_model(model_path, ctx.device)
         model = METHODS[method](model, ratio, ctx)
         make_permanent_(model)
+        snap_weights_(model)  # a quantized model: what it runs on, weights that round to zero are zeros
         result = evaluate(model, ctx.data.val, ctx.device, ctx.tta, ctx.precision)
         score = audit(model, rule=ctx.rule, passes=result.passes)
         row = {
@@ -158,6 +163,8 @@ def run_sweep(
             "finetune_epochs": ctx.finetune.epochs if ctx.finetune else 0,
             "seconds": time.perf_counter() - start,
         }
+        if save is not None:
+            row["model_file"] = save(model, row)
         log(
             f"{method} ratio {ratio:.2f}: val {row['val_acc']:.2%}  score {row['score']:.4f}  "
             f"sparsity {row['sparsity']:.1%}  params {row['params']:,}  ({row['seconds']:.0f}s)"
