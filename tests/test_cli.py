@@ -6,7 +6,7 @@ import torch
 from microsearch import code_version
 from microsearch.checkpoint import load_model, save_model
 from microsearch.cli import main
-from microsearch.compression import current_plan
+from microsearch.compression import current_plan, weight_levels
 from microsearch.evaluation import audit
 from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.train import evaluate
@@ -325,10 +325,14 @@ def test_sweep_saves_pruned_models_that_train_init_continues_without_model_args(
     start = str(tmp_path / "model.pt")
     capsys.readouterr()
     sweep = ["sweep", start, "--data", "synthetic:300", "--method", "li", "--ratios", "0.5", "--save"]
+    sweep += ["--finetune-epochs", "1", "--finetune-lr", "0.05"]
     assert main([*sweep, "--out", str(tmp_path / "li"), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["model_file"] == str(tmp_path / "li" / "models" / "li-0.5.pt")
     pruned, meta = load_model(row["model_file"])
+    # Fine-tuned, then snapped: every conv and linear weight (stem, 3 x 2 convs, 2 shortcuts, fc) is
+    # its 4-bit levels, so the row counted the weights that round to zero as zeros.
+    assert len(weight_levels(pruned)) == 10
     assert pruned.config.mid_channels == (2, 4, 8)  # half of each block's 4, 8, 16 inner filters
     assert (meta["val_acc"], meta["score"], meta["pruned_from"]) == (row["val_acc"], row["score"], start)
     score = audit(pruned, meta["rule"], passes=meta["passes"])
