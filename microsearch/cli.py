@@ -254,8 +254,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if split is None:
         raise ValueError(f"{args.data} has no test split; use --split val, or a source with test images")
     device = resolve_device(args.device)
-    # Quantized layers evaluate exactly in any precision; float layers in bf16 round their outputs.
+    # Quantized layers evaluate exactly in any precision; float layers in bf16 round their outputs. So
+    # the default is the precision the file's accuracy was measured in, unless this device emulates it.
     precision = args.precision or meta.get("precision", "auto")
+    if args.precision is None and precision == "bf16" and resolve_precision("auto", device) != torch.bfloat16:
+        _log(
+            f"{args.checkpoints[0]} was measured in bf16, which {device_name(device)} emulates (about 10x "
+            "slower): evaluating in fp32, exact for quantized layers (--precision bf16 to insist)"
+        )
+        precision = "fp32"
     result = evaluate(model, split, device, args.tta, precision)
     score = audit(model.cpu(), rule=meta.get("rule", "lab4"), passes=result.passes)
     summary = {

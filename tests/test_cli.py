@@ -155,7 +155,7 @@ def _image_tree(root, classes: int, per_class: int, test: bool = False) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*no native bf16")  # where the CPU emulates bf16
-def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsys):
+def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert (
         main(
@@ -194,15 +194,21 @@ def test_evaluate_measures_a_split_and_scores_the_passes_it_used(tmp_path, capsy
     assert tta["images"] == 100 and tta["passes"] == 2
     assert tta["ops_term"] == pytest.approx(2 * result["ops_term"])  # both passes are scored
     # By default a file is evaluated in the precision its accuracy was measured in (a float layer in
-    # bf16 rounds its output); --precision overrides it.
+    # bf16 rounds its output), unless the CPU only emulates bf16; --precision overrides it.
     model_meta = load_model(out / "model.pt")[1]
     save_model(out / "bf16.pt", model, {**model_meta, "precision": "bf16"})
-    code, text, _ = _run(capsys, "evaluate", str(out / "bf16.pt"), "--data", "synthetic:600", "--json")
-    bf16 = json.loads(text)
-    assert code == 0 and bf16["precision"] == "bf16"
-    assert bf16["accuracy"] == evaluate(model, data.test, torch.device("cpu"), precision="bf16").accuracy
-    argv = ["evaluate", str(out / "bf16.pt"), "--data", "synthetic:600", "--precision", "fp32", "--json"]
-    code, text, _ = _run(capsys, *argv)
+    argv = ["evaluate", str(out / "bf16.pt"), "--data", "synthetic:600", "--json"]
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr("microsearch.evaluation.train._cpu_runs_bf16", lambda native=native: native)
+        code, text, err = _run(capsys, *argv)
+        result = json.loads(text)
+        assert code == 0 and result["precision"] == expected
+        assert result["accuracy"] == evaluate(model, data.test, torch.device("cpu"), precision=expected).accuracy
+        assert ("was measured in bf16, which cpu" in err) == (not native)
+    code, text, err = _run(capsys, *argv, "--precision", "bf16")
+    assert code == 0 and json.loads(text)["precision"] == "bf16" and "measured in bf16" not in err
+    monkeypatch.undo()
+    code, text, _ = _run(capsys, *argv, "--precision", "fp32")
     fp32 = json.loads(text)
     assert code == 0 and fp32["precision"] == "fp32"
     assert fp32["accuracy"] == evaluate(model, data.test, torch.device("cpu"), precision="fp32").accuracy
