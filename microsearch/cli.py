@@ -323,9 +323,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     def save(model: torch.nn.Module, row: dict) -> str:
         path = out / "models" / f"{row['method']}-{row['ratio']:g}.pt"
-        # The source's metadata (data split, recipe, passes, rule) with this model's own figures.
-        own = {**row, "history": [], "pruned_from": args.checkpoint, "version": code_version()}
-        save_model(path, model, {**meta, **own, "command": " ".join(sys.argv)})
+        inherited = {k: meta[k] for k in ("model", "data", "train", "passes") if k in meta}  # split, recipe
+        own = {"precision": precision_name(resolve_precision(args.precision, device)), "device": device_name(device)}
+        provenance = {"pruned_from": args.checkpoint, "version": code_version(), "command": " ".join(sys.argv)}
+        save_model(path, model, {**inherited, **row, **own, **provenance})
         return str(path)
 
     rows = run_sweep(args.checkpoint, args.method, ratios, ctx, log=_log, save=save if args.save else None)

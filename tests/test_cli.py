@@ -331,7 +331,7 @@ def test_sweep_saves_pruned_models_that_train_init_continues_without_model_args(
     start = str(tmp_path / "model.pt")
     capsys.readouterr()
     sweep = ["sweep", start, "--data", "synthetic:300", "--method", "li", "--ratios", "0.5", "--save"]
-    sweep += ["--finetune-epochs", "1", "--finetune-lr", "0.05"]
+    sweep += ["--finetune-epochs", "1", "--finetune-lr", "0.05", "--precision", "fp32"]
     assert main([*sweep, "--out", str(tmp_path / "li"), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["model_file"] == str(tmp_path / "li" / "models" / "li-0.5.pt")
@@ -341,6 +341,7 @@ def test_sweep_saves_pruned_models_that_train_init_continues_without_model_args(
     assert len(weight_levels(pruned)) == 10
     assert pruned.config.mid_channels == (2, 4, 8)  # half of each block's 4, 8, 16 inner filters
     assert (meta["val_acc"], meta["score"], meta["pruned_from"]) == (row["val_acc"], row["score"], start)
+    assert (meta["data"], meta["passes"], meta["precision"]) == (load_model(start)[1]["data"], 1, "fp32")
     score = audit(pruned, meta["rule"], passes=meta["passes"])
     assert (score.score, score.params, score.nonzero_params) == (row["score"], row["params"], row["nonzero_params"])
     data = load_data(DataConfig("synthetic:300", val_size=100))
