@@ -33,6 +33,16 @@ def test_round_trip_keeps_logits_architecture_bits_and_score(tmp_path):
     assert audit(loaded).to_dict() == audit(model).to_dict()
 
 
+def test_a_loaded_quantized_model_compiles_into_one_graph(tmp_path):
+    # A teacher is loaded and compiled without a calibration pass: a quantizer that read its
+    # levels from its buffers in the forward pass broke the graph at every layer (28 breaks here).
+    save_model(tmp_path / "model.pt", _quantized_model())
+    loaded, _ = load_model(tmp_path / "model.pt")
+    with torch.no_grad():
+        explained = torch._dynamo.explain(loaded)(torch.randn(4, 3, 32, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
 def test_a_snapped_model_is_stored_as_int8_levels_and_loads_bit_for_bit(tmp_path):
     torch.manual_seed(0)
     model = create_model("resnet20")

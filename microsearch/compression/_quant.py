@@ -168,7 +168,9 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._levels = None  # the loaded buffers decide again
+        # The loaded buffers decide the levels, read here once: a loaded model compiles into one
+        # graph (reading them in its first forward pass would split it into a graph per layer).
+        self._levels = self.levels() if bool(self.initialized) else None
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
