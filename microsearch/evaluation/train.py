@@ -48,6 +48,8 @@ COMPILE = ("auto", "on", "off")
 COMPILE_MIN_STEPS = 300
 COMPILE_MIN_STEPS_FLOAT = 2500
 PROGRESS_SECONDS = 2.0  # between two ``on_progress`` calls
+LOG_PROGRESS_SECONDS = 60.0  # between two progress lines written to a log (stderr not a terminal)
+_last_logged = -math.inf  # when ``print_progress`` last wrote a line to a log (time.monotonic)
 # Images per forward pass without gradients (validation, a teacher's soft labels). On a CPU, the
 # activations of a large batch overflow the caches and the elementwise layers (quantizers,
 # BatchNorm, ReLU) run at memory speed: on 2 AMD EPYC cores (AVX2, fp32) a 4/4-bit ResNet-20
@@ -522,10 +524,15 @@ def train(
 
 
 def print_progress(p: Progress) -> None:
-    """One updating line on stderr when it is a terminal (logs get the per-epoch lines only)."""
+    """One updating line on stderr when it is a terminal; in a log, a line every
+    ``LOG_PROGRESS_SECONDS`` (an epoch of a quantized model on a CPU lasts minutes)."""
+    global _last_logged
+    line = (
+        f"epoch {p.epoch}/{p.epochs}  {p.images:,}/{p.epoch_images:,} images  "
+        f"{p.images_per_second:,.0f} img/s  {p.seconds_left:,.0f}s left"
+    )
     if sys.stderr.isatty():
-        line = (
-            f"  epoch {p.epoch}/{p.epochs}  {p.images:,}/{p.epoch_images:,} images  "
-            f"{p.images_per_second:,.0f} img/s  {p.seconds_left:,.0f}s left"
-        )
-        print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
+        print(f"\r  {line}\x1b[K", end="", file=sys.stderr, flush=True)
+    elif time.monotonic() - _last_logged >= LOG_PROGRESS_SECONDS:
+        _last_logged = time.monotonic()
+        print(line, file=sys.stderr, flush=True)

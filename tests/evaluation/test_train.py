@@ -1,4 +1,5 @@
 import math
+import sys
 from dataclasses import replace
 
 import pytest
@@ -10,6 +11,7 @@ from microsearch.evaluation import train as train_module
 from microsearch.evaluation.data import DataConfig, load_data
 from microsearch.evaluation.loader import DeviceLoader
 from microsearch.evaluation.train import (
+    Progress,
     TrainConfig,
     TrainingDiverged,
     device_name,
@@ -17,6 +19,7 @@ from microsearch.evaluation.train import (
     evaluate,
     lr_at,
     mixup_loss,
+    print_progress,
     resolve_precision,
     train,
 )
@@ -385,3 +388,21 @@ def test_the_teacher_sees_each_batch_and_with_teacher_tta_its_mirror(small_data,
 def test_distillation_without_a_teacher_is_refused(small_data):
     with pytest.raises(ValueError, match="needs a teacher"):
         train(create_model("resnet", width=2, blocks=(1, 1, 1)), small_data, TrainConfig(epochs=1, distill=0.5))
+
+
+def test_progress_is_an_updating_line_on_a_terminal_and_a_line_a_minute_in_a_log(capsys, monkeypatch):
+    progress = Progress(
+        epoch=2, epochs=15, images=12_800, epoch_images=45_056, images_per_second=101.6, seconds_left=5_432
+    )
+    line = "epoch 2/15  12,800/45,056 images  102 img/s  5,432s left"
+    monkeypatch.setattr(train_module, "_last_logged", -math.inf)
+    print_progress(progress)  # a log: the first line at once ...
+    print_progress(progress)  # ... the next one a minute later
+    assert capsys.readouterr().err == line + "\n"
+    monkeypatch.setattr(train_module, "_last_logged", train_module.time.monotonic() - 61)
+    print_progress(progress)
+    assert capsys.readouterr().err == line + "\n"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    print_progress(progress)
+    print_progress(progress)  # a terminal: every call rewrites the one line
+    assert capsys.readouterr().err == f"\r  {line}\x1b[K" * 2
